@@ -1,0 +1,49 @@
+"""Triton kernels, one file per op, each with a custom backward.
+
+Public functional API (torch-style signatures):
+
+    layer_norm(x, weight, bias, eps)            add_layer_norm(x, residual, weight, bias, eps)
+    rms_norm(x, weight, eps)                    add_rms_norm(x, residual, weight, eps)
+    softmax(x, dim=-1)                          dropout(x, p, training=True)
+    linear_act(x, weight, bias=None, activation="gelu")
+    gated_linear(x, w_gate, w_up, activation="silu")
+    attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0)
+    cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0)
+    linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
+
+Names resolve lazily (PEP 562), so `import tritonize.kernels` does not compile or import every
+kernel module, and one op's module can be imported on its own.
+"""
+
+import importlib
+
+# public name -> module (inside this package) that defines it
+_EXPORTS = {
+    "layer_norm": "layer_norm",
+    "add_layer_norm": "layer_norm",
+    "rms_norm": "rms_norm",
+    "add_rms_norm": "rms_norm",
+    "softmax": "softmax",
+    "dropout": "dropout",
+    "linear_act": "linear_act",
+    "gated_linear": "linear_act",
+    "ACTIVATIONS": "_activations",
+    "attention": "attention",
+    "cross_entropy": "cross_entropy",
+    "linear_cross_entropy": "linear_cross_entropy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tritonize.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # cache: the next lookup is a plain attribute read
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,125 @@
+"""What every kernel file shares: where a kernel may run, argument checks, block-size choice.
+
+Kept small on purpose: a kernel file should read top to bottom without chasing helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Triton decides at decoration time whether `@triton.jit` builds GPU code or an interpreted
+# function, so the flag is read once, at import, as Triton itself reads it.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True where the Triton kernel runs: CUDA tensors, or CPU tensors under the interpreter.
+
+    Anything else (CPU without TRITON_INTERPRET=1, MPS, meta handled by register_fake) takes the
+    op's plain-torch reference path, so a user's CPU tests keep working.
+    """
+    if t.is_cuda:
+        return True
+    return INTERPRET and t.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: a clear ValueError/TypeError naming the op and the argument, raised before any
+# launch, never a crash deep inside Triton.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, optional: bool = False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"tritonize.{op}: argument '{name}' is required, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tritonize.{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"tritonize.{op}: argument '{name}' has dtype {t.dtype}; supported: {names}")
+
+
+def check_same_device(op: str, **tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tritonize.{op}: all tensors must be on one device, got {desc}")
+
+
+def check_arg(op: str, name: str, ok: bool, why: str):
+    """`check_arg("layer_norm", "eps", eps > 0, f"must be > 0, got {eps}")`."""
+    if not ok:
+        raise ValueError(f"tritonize.{op}: argument '{name}' {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and launch parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """View `x` (..., N) as (rows, N) with unit stride along N, copying only when no view exists.
+
+    Kernels take the row stride, so row-strided inputs (slices, padded buffers) are read in place;
+    only an input whose last dim is not unit-stride (e.g. a transposed view) is copied, because a
+    strided inner dimension would make every load uncoalesced.
+    """
+    n = x.shape[-1]
+    if x.dim() >= 2 and x.stride(-1) == 1:
+        try:
+            return x.view(-1, n)
+        except RuntimeError:
+            pass  # leading dims cannot be merged without a copy
+    if x.dim() == 1 and x.stride(-1) == 1:
+        return x.view(1, n)
+    return x.reshape(-1, n).contiguous()
+
+
+def row_launch_config(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
+    """Block size (power of two >= n_cols, capped) and warps for a one-row-per-program kernel.
+
+    Deterministic (no autotune): the same row width always gets the same launch, so results are
+    bit-reproducible across runs and nothing recompiles per sequence length.
+    """
+    block = min(triton.next_power_of_2(max(n_cols, 1)), max_block)
+    if block <= 512:
+        warps = 1 if block <= 128 else 2
+    elif block <= 2048:
+        warps = 4
+    elif block <= 8192:
+        warps = 8
+    else:
+        warps = 16
+    return block, warps
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Number of streaming multiprocessors; used to size persistent grids and partial sums."""
+    if not torch.cuda.is_available():
+        return 4  # interpreter: a small grid keeps CPU tests fast
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(t: torch.Tensor) -> int:
+    return num_sms(t.device.index or 0) if t.is_cuda else 4
+
+
+def new_seed() -> int:
+    """A Philox seed drawn from torch's default CPU generator, so `torch.manual_seed` governs it."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton.language dtype for a torch float dtype (for casts inside kernels)."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]

@@ -1,0 +1,1 @@
+"""Pattern families: one file per family (search functions + replacement + guard)."""

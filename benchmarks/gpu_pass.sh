@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One batched pass on a GPU machine: environment, GPU test suite, benchmarks. Logs go to $OUT.
+#   bash benchmarks/gpu_pass.sh [tests|bench|all] [bench names...]
+# e.g. bash benchmarks/gpu_pass.sh all rowwise attention
+# Carried wheels in .whl/ (liger-kernel) are installed to /tmp/site first when present.
+set -uo pipefail
+OUT=${OUT:-$PWD/.out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+what=${1:-all}; shift || true
+benches=${*:-"rowwise linear_act attention cross_entropy"}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+# Editable install without build isolation (no network there) so the torch_dynamo_backends entry
+# point resolves; fall back to PYTHONPATH when it cannot be installed.
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import liger_kernel; print('liger ok')" 2>&1 | tail -1
+} 2>&1 | tee "$OUT/env.log"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -x --durations=15 ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -60
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  for b in $benches; do
+    echo "=== bench_$b"
+    timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.bench_$b ${BENCH_ARGS:-} --out "$OUT/table_$b.md" 2>&1 > "$OUT/bench_$b.log"
+    echo "exit $?"; tail -40 "$OUT/bench_$b.log"
+  done
+fi

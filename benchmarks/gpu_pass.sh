@@ -16,14 +16,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # Editable install without build isolation (no network there) so the torch_dynamo_backends entry
 # point resolves; fall back to PYTHONPATH when it cannot be installed.
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { echo "editable install failed:"; tail -5 /tmp/install.log; } >>"$OUT/env.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   python3 -c "import liger_kernel; print('liger ok')" 2>&1 | tail -1
-} 2>&1 | tee "$OUT/env.log"
+} 2>&1 | tee -a "$OUT/env.log"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -x --durations=15 ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -60
@@ -31,7 +31,7 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do
     echo "=== bench_$b"
-    timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.bench_$b ${BENCH_ARGS:-} --out "$OUT/table_$b.md" 2>&1 > "$OUT/bench_$b.log"
+    timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.bench_$b ${BENCH_ARGS:-} --out "/tmp/table_$b.md" > "$OUT/bench_$b.log" 2>&1
     echo "exit $?"; tail -40 "$OUT/bench_$b.log"
   done
 fi

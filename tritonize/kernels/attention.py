@@ -1,0 +1,932 @@
+"""Flash attention, forward and backward (FA2-style), with the masks real models pass.
+
+    out = softmax(q @ k^T * scale + mask) @ v            q (B, H, Tq, D), k/v (B, Hkv, Tk, D)
+
+- Memory O(T): each program keeps a (BLOCK_M, D) accumulator and streams k/v blocks through an
+  online softmax; the (Tq, Tk) score matrix never exists. Saved for backward: the output and the
+  row logsumexp in fp32, base 2 (the kernels work in exp2, s2 = s * log2(e)) and in two parts,
+  m2 = max_j s2_ij and log2(l) = log2(sum_j 2^(s2_ij - m2)): (2, B, H, Tq). Two parts because with
+  HF's finfo.min padding masks m2 ~ -1.4e38 absorbs log2(l) in fp32.
+- Any strides for q, k, v, o, dO (HF's `.view(B,T,H,D).transpose(1,2)` is read in place, and the
+  output is allocated with q's layout so HF's `transpose(1,2).reshape` after it stays a view).
+- GQA/MQA: query head h reads kv head h // (H // Hkv); in backward one dk/dv program loops over the
+  query heads of its group, so dk/dv are summed without atomics and without repeating k/v.
+- Masks: causal (bottom-right aligned when Tq != Tk: query i sees key j iff j <= i + Tk - Tq, as
+  SDPA's `causal_lower_right`), additive float masks of any shape broadcastable to (B, H, Tq, Tk)
+  (loaded per tile through stride-0 broadcast strides, never expanded in memory), bool masks
+  (True = keep, loaded as int8). Both can be combined with `causal`.
+- Fully masked rows (every score -inf: bool/-inf masks, causal rows with Tq > Tk) give output 0 and
+  zero gradients (m = -inf is guarded; m2 is stored as +inf so backward's exp2(s2 - m2) is 0).
+  Rows masked with a *finite* large negative value (HF's finfo.min) behave as in eager torch: the
+  row's scores are all equal, so the softmax is uniform. finfo.min * log2(e) would overflow fp32 to
+  -inf, so additive values are clamped to -1e38 first (-inf itself stays -inf).
+- Dropout on the probabilities, from Philox with (seed, global element index ((b*H+h)*Tq+i)*Tk+j):
+  backward regenerates the same keep mask, nothing is stored.
+- fp32 inputs: `tl.dot` follows `torch.backends.cuda.matmul.allow_tf32` (default off -> "ieee").
+- Backward: `deterministic=True` (default) computes dq in its own kernel over q blocks (recomputing
+  the scores; no atomics, bit-reproducible); `deterministic=False` accumulates dq with fp32 atomics
+  inside the dk/dv kernel (two matmuls fewer, order-dependent rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_arg, check_same_device, check_tensor, new_seed, use_triton
+
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+_MAX_HEAD_DIM = 256
+
+
+# =============================================================================================
+# 1. Triton kernels
+# =============================================================================================
+
+
+@triton.jit
+def _score_mask(
+    s,  # (BLOCK_M, BLOCK_N) fp32 scores already in log2 units, or the transpose when TRANSPOSED
+    mask_ptr,  # scalar pointer: MASK + b*stride_mb + h*stride_mh
+    rows,  # (BLOCK_M,) query indices
+    cols,  # (BLOCK_N,) key indices
+    Tq,
+    Tk,
+    stride_mm,
+    stride_mn,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 additive float, 2 bool (int8, nonzero = keep)
+    TRANSPOSED: tl.constexpr,  # s is (BLOCK_N, BLOCK_M): the dk/dv kernel works on S^T
+):
+    if TRANSPOSED:
+        ptrs = mask_ptr + rows[None, :] * stride_mm + cols[:, None] * stride_mn
+        inb = (rows[None, :] < Tq) & (cols[:, None] < Tk)
+    else:
+        ptrs = mask_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+        inb = (rows[:, None] < Tq) & (cols[None, :] < Tk)
+    if MASK_KIND == 1:
+        am = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        # HF's finfo.min * log2(e) overflows fp32 to -inf (which would turn HF's "uniform over a
+        # fully padded row" into "row of -inf"); clamp finite values, keep a real -inf as -inf.
+        am = tl.where(am == float("-inf"), am, tl.maximum(am, -1.0e38))
+        s = s + am * 1.4426950408889634
+    elif MASK_KIND == 2:
+        keep = tl.load(ptrs, mask=inb, other=1)
+        s = tl.where(keep != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _keep_mask(seed, drop_base, rows, cols, Tk, dropout_p, TRANSPOSED: tl.constexpr):
+    # Philox counter = global element index ((b*H + h)*Tq + i)*Tk + j (int64): the forward and
+    # both backward kernels draw the same number for the same (b, h, i, j), whatever their tiling.
+    if TRANSPOSED:
+        offs = drop_base + (rows[None, :] * Tk + cols[:, None])
+    else:
+        offs = drop_base + (rows[:, None] * Tk + cols[None, :])
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _attention_fwd_inner(
+    acc, l_i, m_i, q,
+    k_ptrs,  # (BLOCK_D, BLOCK_N) pointers to K^T of key block 0
+    v_ptrs,  # (BLOCK_N, BLOCK_D) pointers to V of key block 0
+    mask_ptr, rows, offs_n, offs_d, lo, hi,
+    Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn,
+    qk_scale, dropout_p, seed, drop_base,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # BOUNDS=False is the hot loop: key blocks wholly inside [0, Tk) and wholly visible under the
+    # causal mask, so no per-element index mask at all. BOUNDS=True: the diagonal and tail blocks.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if BOUNDS:
+            kT = tl.load(k_ptrs + start_n * stride_kn, mask=(cols[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)
+        elif EVEN_D:
+            kT = tl.load(k_ptrs + start_n * stride_kn)
+        else:
+            kT = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < D, other=0.0)
+        # s2 = (q k^T) * scale * log2(e): scores in log2 units, so p = exp2(s2 - m2).
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+        if MASK_KIND != 0:
+            s = _score_mask(s, mask_ptr, rows, cols, Tq, Tk, stride_mm, stride_mn, MASK_KIND, False)
+        if BOUNDS:
+            valid = cols[None, :] < Tk
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + shift)
+            s = tl.where(valid, s, float("-inf"))
+        # Online softmax: m_new = max(m, rowmax(s)); rescale the running sum/acc by 2^(m - m_new).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key yet has m_new = -inf; exp2(-inf - -inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            # l sums the undropped p (softmax normaliser); only p @ v sees the dropout (the
+            # 1/(1-p) rescale is applied once at the end).
+            p = tl.where(_keep_mask(seed, drop_base, rows, cols, Tk, dropout_p, False), p, 0.0)
+        if BOUNDS:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < Tk) & (offs_d[None, :] < D), other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, Tq, D)
+    K,  # (B, Hkv, Tk, D)
+    V,  # (B, Hkv, Tk, D)
+    MASK,  # (B, H, Tq, Tk) broadcast view (stride 0 on broadcast dims); float or int8; unused if MASK_KIND=0
+    O,  # (B, H, Tq, D) out, q's dtype
+    LSE,  # (2, B, H, Tq) fp32 out: row max m2 (+inf on fully masked rows) and log2(row sum)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lse,  # B*H*Tq: offset of the log2(l) half of LSE
+    H, GROUP, Tq, Tk, D,
+    qk_scale, dropout_p, seed,
+    T_BUCKET,  # autotune key only (bucketed sequence length)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP  # GQA: the group's shared kv head
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    mask_ptr = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    drop_base = pid_bh.to(tl.int64) * Tq * Tk
+
+    q = tl.load(
+        q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(rows[:, None] < Tq) & (offs_d[None, :] < D), other=0.0,
+    )
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key range. Causal, bottom-right: row i sees keys j <= i + shift, shift = Tk - Tq.
+    #   blocks ending at or before start_m + shift + 1 are visible to every row of this block;
+    #   nothing at or after start_m + BLOCK_M + shift is visible to any.
+    shift = Tk - Tq
+    n_even = (Tk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        n_full = (tl.maximum(start_m + shift + 1, 0) // BLOCK_N) * BLOCK_N
+        n_full = tl.minimum(n_full, n_even)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Tk)
+    else:
+        n_full = n_even
+        hi = Tk
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, rows, offs_n, offs_d, 0, n_full,
+        Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale, dropout_p, seed, drop_base,
+        BLOCK_N, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_D, False, INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, rows, offs_n, offs_d, n_full, hi,
+        Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale, dropout_p, seed, drop_base,
+        BLOCK_N, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_D, True, INPUT_PRECISION,
+    )
+
+    # Fully masked row: l = 0 -> output 0, and m2 = +inf so that backward's p = exp2(s - m2 - .) = 0.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    if HAS_DROPOUT:
+        inv = inv / (1.0 - dropout_p)
+    acc = acc * inv[:, None]
+    # The statistic is kept in two parts, m2 and log2(l): with HF's finfo.min masks a fully padded
+    # row has m2 ~ -1.4e38, where m2 + log2(l) would round back to m2 and backward would get p = 1
+    # instead of 1/l. Backward uses p = exp2((s2 - m2) - log2(l)).
+    lse_m = tl.where(empty, float("inf"), m_i)
+    lse_l = tl.where(empty, 0.0, tl.math.log2(l_safe))
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, lse_m, mask=rows < Tq)
+    tl.store(LSE + stride_lse + pid_bh.to(tl.int64) * Tq + rows, lse_l, mask=rows < Tq)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        acc.to(O.dtype.element_ty),
+        mask=(rows[:, None] < Tq) & (offs_d[None, :] < D),
+    )
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O,  # (B, H, Tq, D)
+    DO,  # (B, H, Tq, D), any strides (stride 0 from y.sum().backward())
+    DELTA,  # (B, H, Tq) fp32 out
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Tq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward row term
+    # (also with dropout, since O = (P*Z/(1-p)) V).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (rows[:, None] < Tq) & (offs_d[None, :] < D)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rows[:, None] * stride_om + offs_d[None, :] * stride_od, mask=m, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_ptrs,  # (BLOCK_D, BLOCK_M) pointers to Q^T of query block 0 (this head)
+    do_ptrs,  # (BLOCK_M, BLOCK_D) pointers to dO of query block 0
+    dq_ptrs,  # (BLOCK_M, BLOCK_D) pointers into the fp32 dq buffer (ATOMIC_DQ only)
+    lse_ptr, delta_ptr, mask_ptr, cols, offs_m, offs_d, lo, hi,
+    Tq, Tk, D, shift, stride_qm, stride_dom, stride_dqm, stride_mm, stride_mn, stride_lse,
+    sm_scale, qk_scale, dropout_p, inv_keep, seed, drop_base,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Works on the transposed tile S^T (BLOCK_N, BLOCK_M), so that dv += P^T dO and dk += dS^T Q
+    # are plain dots with this program's keys as rows. BOUNDS=False: whole query blocks inside
+    # [0, Tq) that see every key of this block (no row bounds, no causal mask).
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        if BOUNDS:
+            qT = tl.load(q_ptrs + start_m * stride_qm, mask=(rows[None, :] < Tq) & (offs_d[:, None] < D), other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=(rows[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
+            # rows past Tq: m2 = +inf makes their p exactly 0
+            lse_m = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf"))
+            lse_l = tl.load(lse_ptr + stride_lse + rows, mask=rows < Tq, other=0.0)
+            Di = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
+        else:
+            if EVEN_D:
+                qT = tl.load(q_ptrs + start_m * stride_qm)
+                do = tl.load(do_ptrs + start_m * stride_dom)
+            else:
+                qT = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[:, None] < D, other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < D, other=0.0)
+            lse_m = tl.load(lse_ptr + rows)
+            lse_l = tl.load(lse_ptr + stride_lse + rows)
+            Di = tl.load(delta_ptr + rows)
+        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale
+        if MASK_KIND != 0:
+            sT = _score_mask(sT, mask_ptr, rows, cols, Tq, Tk, stride_mm, stride_mn, MASK_KIND, True)
+        if BOUNDS:
+            if CAUSAL:
+                sT = tl.where(cols[:, None] <= rows[None, :] + shift, sT, float("-inf"))
+        if not EVEN_N:
+            sT = tl.where(cols[:, None] < Tk, sT, float("-inf"))
+        # P^T recomputed from the saved statistic: p = exp2((s2 - m2) - log2(l)).
+        pT = tl.math.exp2((sT - lse_m[None, :]) - lse_l[None, :])
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, drop_base, rows, cols, Tk, dropout_p, True)
+            pdT = tl.where(keep, pT * inv_keep, 0.0)
+        else:
+            pdT = pT
+        # dV = (P * Z / (1-p))^T dO
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        # dP = (dO V^T) * Z / (1-p);  dS = P * (dP - delta)   (softmax backward, delta = rowsum(dO*O))
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+        dsT = pT * (dpT - Di[None, :])
+        # dK = scale * dS^T Q  (scale applied once at the end)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:
+            # dQ = scale * dS K, summed over key blocks by fp32 atomics (order-dependent rounding)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=INPUT_PRECISION) * sm_scale
+            tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=(rows[:, None] < Tq) & (offs_d[None, :] < D))
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (B, H, Tq, D)
+    K,  # (B, Hkv, Tk, D)
+    V,  # (B, Hkv, Tk, D)
+    MASK,  # (B, H, Tq, Tk) broadcast view; float or int8; unused if MASK_KIND=0
+    DO,  # (B, H, Tq, D) any strides
+    LSE,  # (2, B, H, Tq) fp32: m2 and log2(l) from the forward
+    DELTA,  # (B, H, Tq) fp32
+    DK,  # (B, Hkv, Tk, D) out
+    DV,  # (B, Hkv, Tk, D) out
+    DQ,  # (B, H, Tq, D) fp32 accumulator, zeroed (ATOMIC_DQ only; else unused)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lse,
+    H, Hkv, GROUP, Tq, Tk, D,
+    sm_scale, qk_scale, dropout_p, seed,
+    T_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * Hkv
+    b = pid_bh // Hkv
+    kvh = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < Tk) & (offs_d[None, :] < D)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+                + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+                + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    # Query range. Causal (bottom-right): key j is seen by rows i >= j - shift, shift = Tk - Tq.
+    #   [lo, lo_full): diagonal blocks, masked;  [lo_full, m_even): every row sees every key of
+    #   this block, no mask;  [max(lo_full, m_even), m_ceil): the partial last query block.
+    shift = Tk - Tq
+    m_even = (Tq // BLOCK_M) * BLOCK_M
+    m_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        lo_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        lo_full = 0
+    diag_hi = tl.minimum(lo_full, m_ceil)
+    tail_lo = tl.maximum(lo_full, m_even)
+
+    # GQA: this kv head's dk/dv are the sum over the GROUP query heads that read it; looping over
+    # them here keeps the sum in registers (no atomics, deterministic).
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = (b * H + h).to(tl.int64)
+        q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd)
+        do_ptrs = (DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                   + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+        dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+                   + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
+        mask_ptr = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        lse_ptr = LSE + bh * Tq
+        delta_ptr = DELTA + bh * Tq
+        drop_base = bh * Tq * Tk
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, mask_ptr, cols, offs_m, offs_d,
+            lo, diag_hi, Tq, Tk, D, shift, stride_qm, stride_dom, stride_dqm, stride_mm, stride_mn, stride_lse,
+            sm_scale, qk_scale, dropout_p, inv_keep, seed, drop_base,
+            BLOCK_M, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_N, EVEN_D, True, ATOMIC_DQ, INPUT_PRECISION,
+        )
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, mask_ptr, cols, offs_m, offs_d,
+            lo_full, m_even, Tq, Tk, D, shift, stride_qm, stride_dom, stride_dqm, stride_mm, stride_mn, stride_lse,
+            sm_scale, qk_scale, dropout_p, inv_keep, seed, drop_base,
+            BLOCK_M, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_N, EVEN_D, False, ATOMIC_DQ, INPUT_PRECISION,
+        )
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, mask_ptr, cols, offs_m, offs_d,
+            tail_lo, m_ceil, Tq, Tk, D, shift, stride_qm, stride_dom, stride_dqm, stride_mm, stride_mn, stride_lse,
+            sm_scale, qk_scale, dropout_p, inv_keep, seed, drop_base,
+            BLOCK_M, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_N, EVEN_D, True, ATOMIC_DQ, INPUT_PRECISION,
+        )
+
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+             + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+             + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_inner(
+    dq, q, do, lse_m, lse_l, Di,
+    k_ptrs,  # (BLOCK_D, BLOCK_N) pointers to K^T of key block 0
+    v_ptrs,  # (BLOCK_D, BLOCK_N) pointers to V^T of key block 0
+    mask_ptr, rows, offs_n, offs_d, lo, hi,
+    Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn,
+    qk_scale, dropout_p, inv_keep, seed, drop_base,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if BOUNDS:
+            kvm = (cols[None, :] < Tk) & (offs_d[:, None] < D)
+            kT = tl.load(k_ptrs + start_n * stride_kn, mask=kvm, other=0.0)
+            vT = tl.load(v_ptrs + start_n * stride_vn, mask=kvm, other=0.0)
+        elif EVEN_D:
+            kT = tl.load(k_ptrs + start_n * stride_kn)
+            vT = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            kT = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < D, other=0.0)
+            vT = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[:, None] < D, other=0.0)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+        if MASK_KIND != 0:
+            s = _score_mask(s, mask_ptr, rows, cols, Tq, Tk, stride_mm, stride_mn, MASK_KIND, False)
+        if BOUNDS:
+            valid = cols[None, :] < Tk
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None] + shift)
+            s = tl.where(valid, s, float("-inf"))
+        p = tl.math.exp2((s - lse_m[:, None]) - lse_l[:, None])
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_keep_mask(seed, drop_base, rows, cols, Tk, dropout_p, False), dp * inv_keep, 0.0)
+        ds = p * (dp - Di[:, None])
+        # dQ += dS K   (scale applied once at the end)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, Tq, D)
+    K,  # (B, Hkv, Tk, D)
+    V,  # (B, Hkv, Tk, D)
+    MASK,  # (B, H, Tq, Tk) broadcast view; unused if MASK_KIND=0
+    DO,  # (B, H, Tq, D) any strides
+    LSE,  # (2, B, H, Tq) fp32: m2 and log2(l) from the forward
+    DELTA,  # (B, H, Tq) fp32
+    DQ,  # (B, H, Tq, D) out
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lse,
+    H, GROUP, Tq, Tk, D,
+    sm_scale, qk_scale, dropout_p, seed,
+    T_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One program per query block: recomputes S and dP for its rows and sums dS K over key
+    # blocks in registers (deterministic; costs two extra matmuls against atomics).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qm = (rows[:, None] < Tq) & (offs_d[None, :] < D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qm, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qm, other=0.0)
+    lse_m = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
+    lse_l = tl.load(LSE + stride_lse + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+    Di = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+              + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+              + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd)
+    mask_ptr = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    drop_base = pid_bh.to(tl.int64) * Tq * Tk
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Same key ranges as the forward: unmasked blocks, then diagonal/tail blocks.
+    shift = Tk - Tq
+    n_even = (Tk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        n_full = (tl.maximum(start_m + shift + 1, 0) // BLOCK_N) * BLOCK_N
+        n_full = tl.minimum(n_full, n_even)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Tk)
+    else:
+        n_full = n_even
+        hi = Tk
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse_m, lse_l, Di, k_ptrs, v_ptrs, mask_ptr, rows, offs_n, offs_d, 0, n_full,
+        Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale, dropout_p, inv_keep, seed, drop_base,
+        BLOCK_N, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_D, False, INPUT_PRECISION,
+    )
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse_m, lse_l, Di, k_ptrs, v_ptrs, mask_ptr, rows, offs_n, offs_d, n_full, hi,
+        Tq, Tk, D, shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale, dropout_p, inv_keep, seed, drop_base,
+        BLOCK_N, CAUSAL, MASK_KIND, HAS_DROPOUT, EVEN_D, True, INPUT_PRECISION,
+    )
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=qm)
+
+
+# =============================================================================================
+# 2. Launch configuration and launchers
+# =============================================================================================
+
+# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages), pruned per head-dim bucket to the few that
+# win on Hopper (the list is short on purpose: each config is compiled per (D, causal, mask)
+# variant, and the whole benchmark must autotune within minutes). BLOCK_M is the query tile,
+# BLOCK_N the key tile, in every kernel.
+_TILES = [
+    (bm, bn, w, s)
+    for bm in (16, 32, 64, 128)
+    for bn in (16, 32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+_KEEP = {
+    "fwd": {
+        64: {(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)},
+        128: {(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)},
+        256: {(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)},
+    },
+    # dk/dv: few queries per step, many keys per program (keys are the accumulated rows)
+    "dkdv": {
+        64: {(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)},
+        128: {(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)},
+        256: {(16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)},
+    },
+    "dq": {
+        64: {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
+        128: {(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)},
+        256: {(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)},
+    },
+}
+# The interpreter runs one small fixed tile (several blocks per test shape, so loops, diagonal
+# splits and partial tiles are all exercised; BLOCK_M != BLOCK_N on purpose).
+_INTERPRET_TILE = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _configs(kind: str):
+    allowed = set().union(*_KEEP[kind].values())
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in _TILES
+        if (bm, bn, w, s) in allowed
+    ]
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        keep = _KEEP[kind][max(64, block_d)]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+    return prune
+
+
+_KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "MASK_KIND", "HAS_DROPOUT", "INPUT_PRECISION"]
+_even_n = triton.heuristics({"EVEN_N": lambda a: a["Tk"] % a["BLOCK_N"] == 0})
+
+if INTERPRET:
+    _fwd_kernel = _attention_fwd_kernel
+    _dkdv_kernel = _even_n(_attention_bwd_dkdv_kernel)
+    _dq_kernel = _attention_bwd_dq_kernel
+else:
+    _fwd_kernel = triton.autotune(_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
+        _attention_fwd_kernel
+    )
+    # reset_to_zero: the atomic-dq variant accumulates into DQ, which must start at 0 for every
+    # benchmarking run of the autotuner (for the deterministic variant DQ is a dummy).
+    _dkdv_kernel = triton.autotune(
+        _configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
+        prune_configs_by={"early_config_prune": _pruner("dkdv")},
+    )(_even_n(_attention_bwd_dkdv_kernel))
+    _dq_kernel = triton.autotune(_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
+        _attention_bwd_dq_kernel
+    )
+
+
+def _fixed_tile(kind: str) -> dict:
+    if not INTERPRET:
+        return {}
+    bm, bn = _INTERPRET_TILE[kind]
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _t_bucket(tq: int, tk: int) -> int:
+    # Autotune key: powers of two (capped), so a new sequence length reuses the tuned tile.
+    return (min(triton.next_power_of_2(tq), 1 << 16) << 20) | min(triton.next_power_of_2(tk), 1 << 16)
+
+
+def _input_precision(dtype: torch.dtype):
+    # fp32 inputs follow torch's own matmul setting (off by default -> exact fp32 products, as
+    # torch's fp32 matmul); fp16/bf16 take tl.dot's default (None).
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _mask_args(mask: Optional[torch.Tensor], ref: torch.Tensor, B: int, H: int, Tq: int, Tk: int):
+    """(tensor, MASK_KIND, strides) for the kernels: the mask as a (B, H, Tq, Tk) broadcast *view*
+    (stride 0 on broadcast dims, nothing materialised); bool reinterpreted as int8 (same bytes)."""
+    if mask is None:
+        return ref, 0, (0, 0, 0, 0)
+    m = mask.expand(B, H, Tq, Tk)
+    if m.dtype == torch.bool:
+        return m.view(torch.int8), 2, m.stride()
+    return m, 1, m.stride()
+
+
+def _device_ctx(t: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def attention_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, seed=0):
+    """Launch the forward. Returns (out, lse): out with q's layout; lse (2, B, H, Tq) fp32, the
+    base-2 row statistic in two parts, m2 = max_j s_ij*log2(e) (+inf on fully masked rows) and
+    log2(sum_j 2^(s2_ij - m2)); logsumexp = (m2 + lse[1]) * ln 2. No argument checks (the public `attention` does them)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # empty_like keeps q's memory layout when q is a dense permutation (HF's transpose(1, 2) view),
+    # so the caller's transpose back is a view too.
+    out = torch.empty_like(q)
+    lse = torch.empty((2, B, H, Tq), dtype=torch.float32, device=q.device)
+    m, mask_kind, ms = _mask_args(mask, q, B, H, Tq, Tk)
+    block_d = max(16, triton.next_power_of_2(D))
+    with _device_ctx(q):
+        _fwd_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+            q, k, v, m, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), B * H * Tq,
+            H, H // Hkv, Tq, Tk, D,
+            scale * _LOG2E, dropout_p, seed, _t_bucket(Tq, Tk),
+            BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+            EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype), **_fixed_tile("fwd"),
+        )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=None, dropout_p=0.0, seed=0,
+                       deterministic=True):
+    """Launch the backward. Returns (dq, dk, dv) in the layouts of q, k, v; dk/dv are summed over
+    each GQA group. `do` may have any strides (including stride 0)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    m, mask_kind, ms = _mask_args(mask, q, B, H, Tq, Tk)
+    block_d = max(16, triton.next_power_of_2(D))
+    common = dict(
+        BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+        EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype),
+    )
+    tb = _t_bucket(Tq, Tk)
+    if deterministic:
+        dq_acc = dk  # unused by the kernel (ATOMIC_DQ=False)
+    else:
+        # fp32 accumulator for the atomics; cast into dq (q's layout) afterwards.
+        dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device)
+    with _device_ctx(q):
+        pre_m = 16 if INTERPRET else (32 if block_d > 128 else 64)
+        _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), B * H)](
+            out, do, delta, *out.stride(), *do.stride(), H, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
+        )
+        _dkdv_kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)](
+            q, k, v, m, do, lse, delta, dk, dv, dq_acc,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
+            *(dq_acc.stride() if not deterministic else (0, 0, 0, 0)), B * H * Tq,
+            H, Hkv, H // Hkv, Tq, Tk, D,
+            scale, scale * _LOG2E, dropout_p, seed, tb,
+            ATOMIC_DQ=not deterministic, **common, **_fixed_tile("dkdv"),
+        )
+        if deterministic:
+            _dq_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+                q, k, v, m, do, lse, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(), B * H * Tq,
+                H, H // Hkv, Tq, Tk, D,
+                scale, scale * _LOG2E, dropout_p, seed, tb,
+                **common, **_fixed_tile("dq"),
+            )
+        else:
+            dq.copy_(dq_acc)
+    return dq, dk, dv
+
+
+# =============================================================================================
+# 3. Custom ops (opaque to Dynamo/AOTAutograd/Inductor) and autograd
+# =============================================================================================
+
+
+@torch.library.custom_op("tritonize::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return attention_forward(q, k, v, mask, causal, scale, dropout_p, seed)
+    out, lse = attention_reference(q, k, v, mask, causal, scale, dropout_p, seed=seed, return_lse=True)
+    return out, lse
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, mask, causal, scale, dropout_p, seed, deterministic):
+    B, H, Tq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((2, B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonize::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return attention_backward(do, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, deterministic)
+    # Reference path (same seeded dropout mask as the reference forward).
+    return attention_reference_backward(do, q, k, v, mask, causal, scale, dropout_p, seed=seed)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale, dropout_p, seed, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = causal, scale, dropout_p, seed, deterministic
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    # grad_lse is ignored: lse is an internal statistic, never returned by `attention`.
+    dq, dk, dv = _attention_bwd_op(
+        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =============================================================================================
+# 4. Reference
+# =============================================================================================
+
+
+def _reference_probs(q, k, v, mask, causal, scale, dropout_p, seed, dropout_mask):
+    """Softmax probabilities (0 on rows with no visible key), the dropout keep mask (or None), the
+    row max and row sum, and k/v repeated to H heads (GQA)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if causal:
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (Tk - Tq), float("-inf"))
+    mx = s.amax(-1, keepdim=True).detach()
+    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+    e = torch.exp(s - mx)
+    lsum = e.sum(-1, keepdim=True)
+    p = e / torch.where(lsum == 0, torch.ones_like(lsum), lsum)
+    keep = None
+    if dropout_p > 0.0:
+        keep = dropout_mask
+        if keep is None:
+            gen = torch.Generator(device=q.device).manual_seed(int(seed or 0))
+            keep = torch.rand(p.shape, generator=gen, device=q.device) >= dropout_p
+    return p, keep, mx, lsum, k, v
+
+
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, seed=None,
+                        dropout_mask=None, upcast=True, return_lse=False):
+    """The op in plain torch (materialises the scores; for tests and the CPU fallback).
+
+    Same semantics as the kernel: GQA by repeating kv heads, bool mask True = keep, causal aligned
+    bottom-right, fully masked rows -> 0. Dropout keeps where `dropout_mask` (bool, broadcastable to
+    the scores) is True, or, without it, where `torch.rand` from a generator seeded with `seed`
+    is >= dropout_p. `return_lse` also returns the (2, B, H, Tq) base-2 statistic as the kernel
+    saves it."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p, keep, mx, lsum, k, v = _reference_probs(q, k, v, mask, causal, scale, dropout_p, seed, dropout_mask)
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
+    out = (p.to(v.dtype) @ v).to(dtype)
+    if not return_lse:
+        return out
+    empty = lsum.squeeze(-1) == 0
+    m2 = torch.where(empty, float("inf"), mx.squeeze(-1) * _LOG2E)
+    l2 = torch.where(empty, 0.0, torch.log2(lsum.squeeze(-1)))
+    return out, torch.stack((m2, l2)).float()
+
+
+def attention_reference_backward(do, q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, seed=None):
+    """(dq, dk, dv) of `attention_reference` in fp32, by the explicit formulas (the custom op's
+    CPU fallback runs below autograd, so it cannot differentiate the reference itself)."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, do = q.float(), k.float(), v.float(), do.float()
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    p, keep, _, _, kr, vr = _reference_probs(q, k, v, mask, causal, scale, dropout_p, seed, None)
+    pd = p if keep is None else p * keep / (1.0 - dropout_p)
+    dv = pd.transpose(-1, -2) @ do
+    dp = do @ vr.transpose(-1, -2)
+    if keep is not None:
+        dp = dp * keep / (1.0 - dropout_p)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # softmax backward
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(-1, -2) @ q) * scale
+    if Hkv != H:  # GQA: sum over the query heads of each group
+        dk = dk.view(B, Hkv, H // Hkv, Tk, D).sum(2)
+        dv = dv.view(B, Hkv, H // Hkv, Tk, D).sum(2)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+
+
+# =============================================================================================
+# 5. Public function
+# =============================================================================================
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, deterministic=True):
+    """Scaled dot-product attention in SDPA's layout: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with
+    H % Hkv == 0 (GQA/MQA), D <= 256. `mask`: bool (True = keep) or additive float, broadcastable
+    to (B, H, Tq, Tk); `causal` may be combined with it (bottom-right aligned when Tq != Tk).
+    Fully masked rows give 0. `deterministic=False` accumulates dq with atomics in backward.
+    Gradients flow to q, k, v (not to the mask)."""
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"tritonize.{op}: argument '{name}' has dtype {t.dtype}, but q has {q.dtype}")
+    check_tensor(op, "mask", mask, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.bool), optional=True)
+    check_same_device(op, q=q, k=k, v=v, mask=mask)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_arg(op, name, t.dim() == 4, f"must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    B, H, Tq, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    check_arg(op, "k", Bk == B, f"has batch {Bk}, but q has batch {B}")
+    check_arg(op, "k", Dk == D, f"has head dim {Dk}, but q has head dim {D}")
+    check_arg(op, "v", tuple(v.shape) == tuple(k.shape), f"has shape {tuple(v.shape)}, but k has {tuple(k.shape)}")
+    check_arg(op, "k", Hkv >= 1 and H % Hkv == 0,
+              f"has {Hkv} heads, which must divide q's {H} heads (GQA/MQA)")
+    check_arg(op, "q", 1 <= D <= _MAX_HEAD_DIM, f"head dim must be in 1..{_MAX_HEAD_DIM}, got {D}")
+    if mask is not None:
+        ok = mask.dim() <= 4
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(tuple(mask.shape), (B, H, Tq, Tk)) == (B, H, Tq, Tk)
+            except RuntimeError:
+                ok = False
+        check_arg(op, "mask", ok, f"of shape {tuple(mask.shape)} is not broadcastable to (B, H, Tq, Tk) = {(B, H, Tq, Tk)}")
+        check_arg(op, "mask", not (mask.requires_grad and torch.is_grad_enabled()),
+                  "requires grad; gradients w.r.t. the mask are not supported")
+    check_arg(op, "dropout_p", 0.0 <= dropout_p < 1.0, f"must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    check_arg(op, "scale", math.isfinite(float(scale)), f"must be finite, got {scale}")
+    if B * H * Tq == 0:
+        return q.new_empty((B, H, Tq, D))
+    if Tk == 0:
+        return q.new_zeros((B, H, Tq, D))  # no key at all: every row is fully masked
+    seed = new_seed() if dropout_p > 0.0 else 0
+    out, _ = _attention_fwd_op(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed, bool(deterministic))
+    return out

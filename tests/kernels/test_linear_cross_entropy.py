@@ -1,0 +1,154 @@
+"""tritonize.kernels.linear_cross_entropy vs F.linear + F.cross_entropy: loss and the hidden,
+weight and bias gradients (fp32 reference, torch in the same dtype as the yardstick); chunks that
+do not divide N; soft-capping, label smoothing, normalizer; bad arguments."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import assert_close3, dtypes_for, noncontig_rows, stride0_grad
+from tritonize.kernels import linear_cross_entropy
+from tritonize.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_reference
+
+H, V = 32, 1100
+
+
+def _inputs(device, dtype, n, bias=True, lead=()):
+    h = torch.randn(*lead, n, H, device=device, dtype=dtype)
+    w = torch.randn(V, H, device=device, dtype=dtype) * H**-0.5 * 3
+    b = torch.randn(V, device=device, dtype=dtype) if bias else None
+    t = torch.randint(0, V, (*lead, n), device=device)
+    t.view(-1)[[1, 5]] = -100
+    return h, w, b, t
+
+
+def _run(fn, tensors, go):
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in tensors]
+    y = fn(*leaves)
+    y.backward(go)
+    return [y.detach()] + [None if x is None else x.grad for x in leaves]
+
+
+def _check(device, dtype, h, w, b, t, go, name, **kw):
+    ours = _run(lambda *a: linear_cross_entropy(a[0], a[1], t, a[2], **kw), (h, w, b), go)
+    kw_ref = {k: x for k, x in kw.items() if k != "chunk_size"}
+    reduction = kw_ref.pop("reduction", "mean")
+    ref = _run(lambda *a: linear_cross_entropy_reference(a[0], a[1], t, a[2], -100, reduction, upcast=True, **kw_ref),
+               tuple(None if x is None else x.float() for x in (h, w, b)), go)  # fmt: skip
+
+    def torch_fn(hh, ww, bb):
+        z = F.linear(hh, ww, bb)
+        cap = kw.get("logit_softcap")
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        norm = kw.get("normalizer")
+        y = F.cross_entropy(z.reshape(-1, V), t.reshape(-1), reduction="sum" if norm is not None else reduction,
+                            label_smoothing=kw.get("label_smoothing", 0.0))  # fmt: skip
+        y = y / norm if norm is not None else y
+        return y.view(t.shape) if reduction == "none" else y
+
+    tor = _run(torch_fn, (h, w, b), go.to(dtype))
+    for i, what in enumerate(("loss", "dhidden", "dweight", "dbias")):
+        if ref[i] is None:
+            assert ours[i] is None
+            continue
+        assert_close3(ours[i], tor[i], ref[i], name=f"{name} {what}")
+
+
+def test_forward_backward(device):
+    n = 37  # chunk_size 16: chunks of 16, 16, 5
+    for dtype in dtypes_for(device):
+        h, w, b, t = _inputs(device, dtype, n)
+        for reduction in ("mean", "sum", "none"):
+            go = torch.rand(n, device=device) + 0.5 if reduction == "none" else torch.tensor(0.7, device=device)
+            _check(device, dtype, h, w, b, t, go, f"{dtype} {reduction}", reduction=reduction, chunk_size=16)
+    # leading dims, no bias, the default chunk size, upstream gradient exactly 1
+    h, w, _, t = _inputs(device, torch.float32, 5, bias=False, lead=(2,))
+    _check(device, torch.float32, h, w, None, t, torch.tensor(1.0, device=device), "3-d no bias")
+
+
+def test_options(device):
+    n = 21
+    dtype = dtypes_for(device)[-1]  # bf16 on the GPU, fp16 in the interpreter
+    h, w, b, t = _inputs(device, dtype, n)
+    one = torch.tensor(1.0, device=device)
+    _check(device, dtype, h * 4, w, b, t, one, "softcap+smoothing", logit_softcap=10.0, label_smoothing=0.1,
+           chunk_size=8)  # fmt: skip
+    _check(device, dtype, h, w, b, t, torch.tensor(0.3, device=device), "normalizer", normalizer=11.0, chunk_size=8)
+    # a tensor normalizer (transformers' num_items_in_batch) gives sum / normalizer
+    h32, w32, b32, t32 = _inputs(device, torch.float32, n)
+    got = linear_cross_entropy(h32, w32, t32, b32, normalizer=torch.tensor(11, device=device), chunk_size=8)
+    torch.testing.assert_close(got, F.cross_entropy(F.linear(h32, w32, b32), t32, reduction="sum") / 11)
+
+
+def test_special_cases(device):
+    h, w, b, t = _inputs(device, torch.float32, 9)
+    # all targets ignored: loss 0, zero gradients
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    y = linear_cross_entropy(*leaves[:2], torch.full_like(t, -100), leaves[2], chunk_size=4)
+    y.backward()
+    assert y.item() == 0.0 and all(torch.count_nonzero(x.grad) == 0 for x in leaves)
+    # only the weight needs a gradient; padded hidden rows; stride-0 upstream gradient (none)
+    hv = noncontig_rows(h)
+    wl = w.clone().requires_grad_()
+    y = linear_cross_entropy(hv, wl, t, b, reduction="none", chunk_size=4)
+    y.backward(stride0_grad(y))
+    wr = w.clone().requires_grad_()
+    yr = F.cross_entropy(F.linear(h, wr, b), t, reduction="none")
+    yr.backward(stride0_grad(yr))
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(wl.grad, wr.grad)
+    # no_grad: the loss only
+    with torch.no_grad():
+        y = linear_cross_entropy(h.requires_grad_(), w, t, b)
+    torch.testing.assert_close(y, F.cross_entropy(F.linear(h, w, b), t))
+    # no tokens
+    y = linear_cross_entropy(h[:0], w, t[:0], b)
+    assert y.item() == 0.0
+    # the default chunk size: a power of two in [256, 2048], or N when N is small
+    assert default_chunk_size(8192, 4096, 128256) == 256 and default_chunk_size(65536, 4096, 128256) == 2048
+    assert default_chunk_size(37, 32, 1100) == 37
+
+
+def test_bad_arguments(device):
+    h, w, b, t = _inputs(device, torch.float32, 6)
+    with pytest.raises(TypeError, match=r"linear_cross_entropy.*'weight'.*dtype"):
+        linear_cross_entropy(h, w.double(), t)
+    with pytest.raises(TypeError, match=r"linear_cross_entropy.*'target'"):
+        linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'weight'.*shape"):
+        linear_cross_entropy(h, w[:, :-1], t)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'bias'"):
+        linear_cross_entropy(h, w, t, b[:-1])
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'target'.*shape"):
+        linear_cross_entropy(h, w, t[:-1])
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size'"):
+        linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'reduction'"):
+        linear_cross_entropy(h, w, t, reduction="batchmean")
+    tb = t.clone()
+    tb[0] = V
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"linear_cross_entropy.*'target'.*outside"):
+            linear_cross_entropy(h, w, tb)
+    else:
+        assert torch.isnan(linear_cross_entropy(h, w, tb))
+
+
+def test_reference_fallback_matches_torch():
+    # the closed-form CPU fallback of the custom op (plain torch, no Triton), with a row scale
+    from tritonize.kernels.linear_cross_entropy import _forward_reference
+
+    h = torch.randn(6, 8, dtype=torch.float64)
+    w = torch.randn(30, 8, dtype=torch.float64)
+    b = torch.randn(30, dtype=torch.float64)
+    t = torch.randint(0, 30, (6,))
+    t[2] = -100
+    rs = torch.rand(6, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    rows = F.cross_entropy(4 * torch.tanh(F.linear(*leaves) / 4), t, reduction="none", label_smoothing=0.1)
+    (rows * rs).sum().backward()
+    loss, dh, dw, db = _forward_reference(h, w, t, b, -100, "none", 1.0, None, 0.1, 4.0, True, True, True, rs)
+    torch.testing.assert_close(loss.double(), (rows * rs).detach(), rtol=1e-5, atol=1e-6)
+    for got, leaf in zip((dh, dw, db), leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,367 @@
+"""linear_cross_entropy(hidden, weight, target, ...): the LM head and the loss, never the (N, V) logits.
+
+The tokens are walked in chunks of C rows. Per chunk, all in the forward (as Liger's FLCE):
+    logits_c = h_c @ W^T (+ b)                       cuBLAS (torch.mm / addmm): at the matmul ceiling
+    loss_c, dlogits_c = CE kernel, in place           tritonize.kernels.cross_entropy's Triton kernel:
+                                                      the gradient overwrites the chunk's logits
+    dh_c  = dlogits_c @ W                             written straight into dh[c] (mm out=)
+    dW   += dlogits_c^T @ h_c                         addmm into dW
+    db   += sum_rows dlogits_c                        fp32
+so the backward only scales dh, dW, db by the upstream gradient (in place, skipped when it is 1,
+which is the usual case). Peak memory above the inputs: dh + dW (+ db) — the gradients every
+implementation returns — plus one chunk of logits.
+
+The chunk size. The chunk's logits are C x V; dW's accumulation reads and writes all of dW once
+per chunk, so small chunks make the dW update memory-bound. Default: C x V ~ N x H elements (the
+same transient budget as Liger, so peak memory is never above Liger's), at least 256 rows and
+at most 2048; `chunk_size=` overrides (tests use it to make chunks that do not divide N).
+
+dW's accumulator has the weight's dtype (addmm with beta=1: fp32 inside each matmul, one
+rounding per chunk). An fp32 accumulator would double dW's memory (+2 GB at 128256 x 4096),
+which would break the memory target; with the default chunking there are N / C <= ~32 roundings.
+db accumulates in fp32 (V floats).
+
+reduction="none": the per-row upstream gradient must be applied before the rows are summed into
+dW, and it is not known in the forward; so the forward computes only the loss, and the backward
+re-runs the chunk loop with the per-row gradient as the CE kernel's row scale (one extra logits
+matmul, no extra memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._common import check_arg, check_same_device, check_tensor, rows_2d, use_triton
+from .cross_entropy import (
+    TARGET_DTYPES,
+    check_common,
+    check_targets,
+    cross_entropy_forward,
+    divisor_for,
+    prepare_normalizer,
+    scale_rows_,
+)
+
+MIN_CHUNK = 256
+MAX_CHUNK = 2048
+
+
+def default_chunk_size(n: int, h: int, v: int) -> int:
+    """Rows per chunk: C x V ~ N x H (Liger's budget), in [MIN_CHUNK, MAX_CHUNK], power of 2."""
+    c = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(max(v, 1), h)))  # Liger's rule
+    return max(1, min(n, max(MIN_CHUNK, min(MAX_CHUNK, c))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale: float = 1.0,
+    normalizer: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    need_dh: bool = True,
+    need_dw: bool = True,
+    need_db: bool = True,
+    row_scale: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+):
+    """hidden (N, H), weight (V, H), target (N,), bias (V,). Returns (loss rows fp32 (N,), dh, dW,
+    db) with the gradients of sum(loss rows) (None where not needed). With `row_scale` (N,) each
+    row's loss and gradient are multiplied by it (the backward of reduction='none')."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    need_db = need_db and bias is not None
+    compute_grad = need_dh or need_dw or need_db
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
+    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0:
+        return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
+    div = divisor_for(target, ignore_index, reduction, normalizer)
+    c = chunk_size or default_chunk_size(n, h, v)
+    buf = torch.empty((min(c, n), v), dtype=hidden.dtype, device=dev)
+    wt = weight.t()
+    for s in range(0, n, c):
+        e = min(n, s + c)
+        h_c = hidden[s:e]
+        lg = buf[: e - s]
+        if bias is not None:
+            torch.addmm(bias.to(lg.dtype), h_c, wt, out=lg)
+        else:
+            torch.mm(h_c, wt, out=lg)
+        cross_entropy_forward(
+            lg, target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
+            label_smoothing=label_smoothing, softcap=softcap, compute_grad=compute_grad, grad=lg,
+            loss=loss[s:e], row_scale=None if row_scale is None else row_scale[s:e],
+        )  # fmt: skip
+        if need_dh:
+            torch.mm(lg, weight, out=dh[s:e])
+        if need_dw:
+            dw.addmm_(lg.t(), h_c)
+        if need_db:
+            db.add_(lg.sum(0, dtype=torch.float32))
+    return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
+
+
+def _forward_reference(hidden, weight, target, bias, ignore_index, reduction, scale, normalizer,
+                       label_smoothing, softcap, need_dh, need_dw, need_db, row_scale):  # fmt: skip
+    """CPU fallback of the op: plain torch in fp32, closed form (the op body runs below the
+    autograd key, so no autograd here): dlogits from the CE reference, then the three matmuls."""
+    from .cross_entropy import cross_entropy_rows_reference
+
+    hf, wf = hidden.float(), weight.float()
+    logits = torch.nn.functional.linear(hf, wf, None if bias is None else bias.float())
+    need_db = need_db and bias is not None
+    loss, g = cross_entropy_rows_reference(
+        logits, target, ignore_index=ignore_index, reduction=reduction, scale=scale, normalizer=normalizer,
+        label_smoothing=label_smoothing, softcap=softcap, compute_grad=need_dh or need_dw or need_db,
+    )  # fmt: skip
+    if row_scale is not None:
+        loss = loss * row_scale.float()
+        g = None if g is None else g * row_scale.float().unsqueeze(-1)
+    return (
+        loss,
+        (g @ wf).to(hidden.dtype) if need_dh else None,
+        (g.t() @ hf).to(weight.dtype) if need_dw else None,
+        g.sum(0).to(bias.dtype) if need_db else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (opaque to Dynamo/AOTAutograd/Inductor) + autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    normalizer: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    scale: float,
+    label_smoothing: float,
+    softcap: float | None,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h2 = rows_2d(hidden)
+    t1 = target.reshape(-1)
+    rs = None if row_scale is None else row_scale.reshape(-1)
+    args = (ignore_index, reduction, scale, normalizer, label_smoothing, softcap, need_dh, need_dw, need_db, rs)
+    if use_triton(hidden):
+        loss, dh, dw, db = linear_cross_entropy_forward(
+            h2, weight, t1, bias, ignore_index=ignore_index, reduction=reduction, scale=scale,
+            normalizer=normalizer, label_smoothing=label_smoothing, softcap=softcap, need_dh=need_dh,
+            need_dw=need_dw, need_db=need_db, row_scale=rs, chunk_size=chunk_size or None,
+        )  # fmt: skip
+    else:
+        loss, dh, dw, db = _forward_reference(h2, weight, t1, bias, *args)
+    # mean/sum reduce inside the op, so its autograd formula (a scalar times the saved
+    # gradients) is exact for the op's own output. Absent gradients: distinct empty tensors
+    # (custom-op outputs may not alias one another).
+    return (
+        loss.view(target.shape) if reduction == "none" else loss.sum(),
+        hidden.new_empty(0) if dh is None else dh.view(hidden.shape),
+        hidden.new_empty(0) if dw is None else dw,
+        hidden.new_empty(0) if db is None else db,
+    )
+
+
+@_lce_fwd_op.register_fake
+def _(hidden, weight, target, bias, normalizer, row_scale, ignore_index, reduction, scale, label_smoothing,
+      softcap, need_dh, need_dw, need_db, chunk_size):  # fmt: skip
+    return (
+        hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32),
+        hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
+    )
+
+
+@torch.library.custom_op("tritonize::linear_cross_entropy_bwd", mutates_args=("dh", "dw", "db"))
+def _lce_bwd_op(dh: torch.Tensor, dw: torch.Tensor, db: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """dh, dW, db *= grad_loss (a scalar) in place; a no-op pass where it is 1 (the usual case)."""
+    for g in (dh, dw, db):
+        if g.numel():
+            g2 = g if g.dim() > 1 else g.view(1, -1)
+            scale_rows_(g2, grad_loss.reshape(()).expand(g2.shape[:-1]))
+
+
+@_lce_bwd_op.register_fake
+def _(dh, dw, db, grad_loss):
+    return None
+
+
+_N_ARGS = 15
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, target, bias, normalizer, _rs, ignore_index, reduction, scale, label_smoothing,
+     softcap, need_dh, need_dw, need_db, chunk_size) = inputs  # fmt: skip
+    _loss, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.reduction = reduction
+    ctx.need = (need_dh, need_dw, need_db)
+    if reduction == "none":
+        # Recompute in the backward, with the per-row upstream gradient folded in before the sum.
+        ctx.args = (ignore_index, reduction, scale, label_smoothing, softcap)
+        ctx.chunk_size = chunk_size
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, target, bias if bias is not None else hidden.new_empty(0))
+    else:
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    need_dh, need_dw, need_db = ctx.need
+    if ctx.reduction == "none":
+        need_dh, need_dw, need_db = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+        hidden, weight, target, bias = ctx.saved_tensors
+        ignore_index, reduction, scale, label_smoothing, softcap = ctx.args
+        _, dh, dw, db = _lce_fwd_op(
+            hidden, weight, target, bias if ctx.has_bias else None, None, grad_loss, ignore_index, reduction,
+            scale, label_smoothing, softcap, need_dh, need_dw, need_db, ctx.chunk_size,
+        )  # fmt: skip
+    else:
+        dh, dw, db = ctx.saved_tensors
+        if getattr(ctx, "_used", False):
+            raise RuntimeError(
+                "tritonize.linear_cross_entropy: backward ran twice through the same graph; the "
+                "gradients are computed in the forward and scaled in place (no retain_graph)"
+            )
+        ctx._used = True
+        _lce_bwd_op(dh, dw, db, grad_loss)
+    return (
+        dh if need_dh else None,
+        dw if need_dw else None,
+        None,
+        db if need_db else None,
+    ) + (None,) * (_N_ARGS - 4)
+
+
+_lce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_reference(
+    hidden, weight, target, bias=None, ignore_index=-100, reduction="mean", *, label_smoothing=0.0,
+    logit_softcap=None, normalizer=None, upcast=True,
+):  # fmt: skip
+    """F.linear + cross_entropy_reference (our semantics), with autograd; fp32 when `upcast`."""
+    from .cross_entropy import cross_entropy_reference
+
+    if upcast:
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_reference(
+        logits, target, ignore_index, reduction, label_smoothing, logit_softcap=logit_softcap,
+        normalizer=normalizer, upcast=upcast,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    label_smoothing: float = 0.0,
+    logit_softcap: float | None = None,
+    normalizer=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """cross_entropy(F.linear(hidden, weight, bias), target) without materialising the logits.
+
+    hidden (..., H); weight (V, H); bias (V,) or None; target (...). Semantics of
+    tritonize.kernels.cross_entropy (fp32 loss; mean over non-ignored targets, 0 when all are
+    ignored; `normalizer` -> sum / normalizer, matching transformers' num_items_in_batch;
+    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk (default from N, H, V).
+    """
+    op = "linear_cross_entropy"
+    check_tensor(op, "hidden", hidden)
+    check_tensor(op, "weight", weight)
+    check_tensor(op, "bias", bias, optional=True)
+    check_tensor(op, "target", target, dtypes=TARGET_DTYPES)
+    check_same_device(op, hidden=hidden, weight=weight, target=target, bias=bias)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"tritonize.{op}: argument 'weight' has dtype {weight.dtype}, but hidden has {hidden.dtype}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"tritonize.{op}: argument 'bias' has dtype {bias.dtype}, but hidden has {hidden.dtype}")
+    check_arg(op, "hidden", hidden.dim() >= 1, "must have at least 1 dim (..., H)")
+    check_arg(op, "weight", weight.dim() == 2, f"must be 2-d (V, H), got shape {tuple(weight.shape)}")
+    check_arg(
+        op, "weight", weight.shape[1] == hidden.shape[-1],
+        f"must have shape (V, {hidden.shape[-1]}) to match hidden's last dim, got {tuple(weight.shape)}",
+    )  # fmt: skip
+    v = weight.shape[0]
+    if bias is not None:
+        check_arg(op, "bias", tuple(bias.shape) == (v,), f"must have shape ({v},), got {tuple(bias.shape)}")
+    check_arg(
+        op, "target", tuple(target.shape) == tuple(hidden.shape[:-1]),
+        f"must have shape {tuple(hidden.shape[:-1])} (hidden's shape without the last dim), got {tuple(target.shape)}",
+    )  # fmt: skip
+    check_common(op, reduction, label_smoothing, logit_softcap, ignore_index)
+    if normalizer is not None:
+        check_arg(op, "normalizer", reduction != "none", "cannot be combined with reduction='none'")
+    if chunk_size is not None:
+        check_arg(
+            op, "chunk_size", isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0,
+            f"must be a positive int or None, got {chunk_size!r}",
+        )  # fmt: skip
+    check_arg(op, "weight", v > 0 or target.numel() == 0, "has no rows (V == 0)")
+    check_targets(op, target, v, ignore_index)
+    norm_t, scale = prepare_normalizer(op, normalizer, hidden.device)
+    if normalizer is not None:
+        reduction = "sum"  # loss = sum / normalizer, whatever the reduction said (transformers' rule)
+
+    if target.numel() == 0:
+        # No tokens: zero loss (rows empty), graph kept connected, nothing launched.
+        z = hidden.float().sum(-1) * 0.0 + (weight.float().sum() * 0.0)
+        if bias is not None:
+            z = z + bias.float().sum() * 0.0
+        return z if reduction == "none" else z.sum()
+
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and weight.requires_grad
+    need_db = grad_on and bias is not None and bias.requires_grad
+    if reduction == "none":
+        need_fwd = (False, False, False)  # the backward recomputes (see the module doc)
+    else:
+        need_fwd = (need_dh, need_dw, need_db)
+    loss, _, _, _ = _lce_fwd_op(
+        hidden, weight, target, bias, norm_t, None, ignore_index, reduction, scale, float(label_smoothing),
+        None if logit_softcap is None else float(logit_softcap), *need_fwd, chunk_size or 0,
+    )  # fmt: skip
+    return loss

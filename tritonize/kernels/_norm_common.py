@@ -1,0 +1,247 @@
+"""What layer_norm.py and rms_norm.py share: launch sizing and the weight/bias-gradient reduction.
+
+The weight (and bias) gradient of a norm is a sum over every row:
+    dw[j] = sum_r dy[r, j] * xhat[r, j]          db[j] = sum_r dy[r, j]
+It is reduced in two stages, never with atomics on a hot (N,) buffer:
+  1. per-program partials: each program of the backward keeps its own fp32 accumulator row and
+     writes it once, into a (G, N) buffer, G ~ a few per SM;
+  2. `_sum_partials_kernel` adds the G rows up (a small column reduction) and casts to the
+     parameter's dtype, dw and db in one launch.
+When a row is too wide for a per-program accumulator to stay in registers (N > BWD_FUSED_MAX),
+the row-wise backward computes only dx, and `_norm_dwdb_kernel` computes the partials from
+column tiles instead (it re-reads x and dy once: the price of not spilling a 2x N fp32 accumulator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonize.kernels._common import device_sms
+
+# Launch knobs. Chosen from register budgets (64K 32-bit registers per SM; register and spill
+# counts read from ptxas for sm_90 bf16 builds), not yet from timings. The tests shrink them to
+# reach every path with small shapes.
+# Widest row the forward keeps whole in registers; wider rows loop over chunks (FWD_LOOP).
+# LayerNorm at 32768 would spill ~320 B/thread (x, w, b live at once); RMSNorm spills 24 B.
+LN_FWD_FUSED_MAX = 16384
+RMS_FWD_FUSED_MAX = 32768
+# Widest row whose backward keeps fp32 dweight (and dbias) accumulators in registers across rows:
+# x, dy, w and two accumulators at 16 values per thread x 16 warps fill an SM's registers at 8192.
+BWD_FUSED_MAX = 8192
+# Widest row the dx-only backward keeps whole in registers; wider rows take two passes (BWD_LOOP).
+DX_FUSED_MAX = 16384
+# (chunk width, warps) of the looped kernels: no spills at these sizes.
+FWD_LOOP = (16384, 32)
+BWD_LOOP = (8192, 16)
+# Programs per SM for the looped kernels: few, so each program's row (re-read in the next pass)
+# is still in L2: 2 per SM x 132 SMs x 32768 x (x + dy) bf16 = 34 MB < 50 MB L2.
+LOOP_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def load_sum_f32(X, R, row_off_x, row_off_r, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """s = x (+ residual), rounded to x's dtype exactly as torch's `x + residual` is; as fp32."""
+    x = tl.load(X + row_off_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row_off_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P0,  # (G, N) fp32 partial sums of the first gradient (dw)
+    P1,  # (G, N) fp32 partial sums of the second gradient (db), if HAS_SECOND
+    OUT0,  # (N,) first gradient, parameter dtype
+    OUT1,  # (N,) second gradient, parameter dtype, if HAS_SECOND
+    G,
+    N,
+    HAS_SECOND: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per BLOCK_N columns; walk down the G partial rows in (BLOCK_G, BLOCK_N) tiles
+    # and keep a 2-D fp32 accumulator, summed over rows once at the end.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc0 = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        offs = g.to(tl.int64)[:, None] * N + cols[None, :]
+        m = (g < G)[:, None] & col_ok[None, :]
+        acc0 += tl.load(P0 + offs, mask=m, other=0.0)
+        if HAS_SECOND:
+            acc1 += tl.load(P1 + offs, mask=m, other=0.0)
+    tl.store(OUT0 + cols, tl.sum(acc0, axis=0).to(OUT0.dtype.element_ty), mask=col_ok)
+    if HAS_SECOND:
+        tl.store(OUT1 + cols, tl.sum(acc1, axis=0).to(OUT1.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _norm_dwdb_kernel(
+    X,  # (M, N) normalised input (x, or x + residual), row stride stride_x
+    DY,  # (M, N) upstream gradient of the normed output, row stride stride_dy
+    MEAN,  # (M,) fp32 row means, if HAS_MEAN (layer norm; RMSNorm has none)
+    RSTD,  # (M,) fp32 row 1/std
+    DW_PART,  # (G, N) fp32 partial dw, if COMPUTE_DW
+    DB_PART,  # (G, N) fp32 partial db, if COMPUTE_DB
+    M,
+    N,
+    stride_x,
+    stride_dy,
+    HAS_MEAN: tl.constexpr,
+    ROUND_XHAT: tl.constexpr,  # RMSNorm (HF numerics): xhat is rounded to x's dtype before the weight multiply
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # grid = (cdiv(N, BLOCK_N), G): program (c, g) owns columns [c*BLOCK_N, ...) and rows
+    # g*BLOCK_M + k*G*BLOCK_M; it never needs a whole row, so it works for any N.
+    #   dw[j] += dy[r, j] * xhat[r, j],   xhat = (x - mean) * rstd   (rms: round(x * rstd))
+    #   db[j] += dy[r, j]
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    G = tl.num_programs(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(pid_g * BLOCK_M, M, G * BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        m = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if COMPUTE_DW:
+            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            if HAS_MEAN:
+                mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+                xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            else:
+                xhat = x.to(tl.float32) * rstd[:, None]
+            if ROUND_XHAT:
+                xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+            acc_w += dy * xhat  # dy is 0 outside the mask, so padded lanes add nothing
+        if COMPUTE_DB:
+            acc_b += dy
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid_g.to(tl.int64) * N + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+    if COMPUTE_DB:
+        tl.store(DB_PART + pid_g.to(tl.int64) * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch sizing (deterministic, cached per row width: no autotune, no recompiles per row count)
+# ---------------------------------------------------------------------------------------------
+
+
+def vec(t):
+    """A (N,) parameter the kernels index as contiguous: a strided view is copied (N elements)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def device_ctx(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device), so cuda:1 tensors work."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def row_config(n: int, fused_max: int, loop: tuple[int, int]) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, ROWS, num_warps, LOOP) for a row-wise kernel over rows of width n.
+
+    Rows up to `fused_max` are held whole in registers (BLOCK_N = next power of two); narrow rows
+    are batched ROWS to a program so each program still moves ~4K elements (enough bytes in
+    flight per SM). Wider rows loop over chunks: loop = (chunk width, warps), LOOP=True, ROWS=1.
+    """
+    if n > fused_max:
+        return loop[0], 1, loop[1], True
+    return _fused_config(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_config(n: int) -> tuple[int, int, int, bool]:
+    block = triton.next_power_of_2(max(n, 1))
+    rows = max(1, min(16, 4096 // block))
+    elems = block * rows
+    # ~16 fp32 values per thread (two 16-byte bf16 loads), up to 32 warps for 16K+ rows
+    warps = min(32, max(1, elems // 512))
+    return block, rows, warps, False
+
+
+def persistent_grid(t: torch.Tensor, n_row_blocks: int, block_elems: int, warps: int, n_acc: int) -> int:
+    """Programs for a persistent backward: as many as fit on the GPU at once (register-bound),
+    never more than there are row blocks. Every program writes one partial row per accumulator,
+    so fewer programs also means a cheaper second stage."""
+    threads = 32 * warps
+    # ~ (x, dy, w, n_acc accumulators) fp32 values per thread + overhead, 64K registers per SM
+    # (ptxas, sm_90, bf16: 128 regs at 16 values/thread for 1024x4 rows and for 8192-wide rows).
+    # An overestimate of occupancy only queues a second, equal wave of programs.
+    regs = (3 + n_acc) * max(1, block_elems // threads) + 40
+    per_sm = max(1, min(8, 65536 // (regs * threads)))
+    return max(1, min(n_row_blocks, device_sms(t) * per_sm))
+
+
+def reduce_partials(dw_part, db_part, dw_out, db_out):
+    """Stage 2: dw_out[j] = sum_g dw_part[g, j] (same for db), cast to the outputs' dtypes."""
+    first_p, first_o = (dw_part, dw_out) if dw_part is not None else (db_part, db_out)
+    second = dw_part is not None and db_part is not None
+    g, n = first_p.shape
+    if n == 0:
+        return
+    if g == 0:
+        first_o.zero_()
+        if second:
+            db_out.zero_()
+        return
+    block_n = 64
+    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+        first_p,
+        db_part if second else first_p,
+        first_o,
+        db_out if second else first_o,
+        g,
+        n,
+        HAS_SECOND=second,
+        BLOCK_G=32,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+
+
+def dwdb_split(x2, dy2, mean, rstd, dw_part_needed: bool, db_part_needed: bool, *, round_xhat: bool):
+    """Stage 1 for wide rows: (G, N) fp32 partials of dw/db from column tiles (any N)."""
+    m, n = x2.shape
+    block_m, block_n = 32, 128
+    col_blocks = triton.cdiv(n, block_n)
+    # enough programs to fill the GPU ~4 deep, but few row groups so stage 2 stays small
+    g = max(1, min(triton.cdiv(m, block_m), triton.cdiv(device_sms(x2) * 4, col_blocks)))
+    dw_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if dw_part_needed else None
+    db_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if db_part_needed else None
+    dummy = rstd
+    _norm_dwdb_kernel[(col_blocks, g)](
+        x2,
+        dy2,
+        mean if mean is not None else dummy,
+        rstd,
+        dw_part if dw_part is not None else dummy,
+        db_part if db_part is not None else dummy,
+        m,
+        n,
+        x2.stride(0),
+        dy2.stride(0),
+        HAS_MEAN=mean is not None,
+        ROUND_XHAT=round_xhat,
+        COMPUTE_DW=dw_part_needed,
+        COMPUTE_DB=db_part_needed,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return dw_part, db_part

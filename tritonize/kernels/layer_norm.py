@@ -1,0 +1,502 @@
+"""LayerNorm (and the fused residual-add variant), forward and backward Triton kernels.
+
+    y = (s - mean(s)) * rstd * weight + bias,   rstd = 1 / sqrt(var(s) + eps),
+    s = x                       (layer_norm)
+    s = x + residual, rounded to x.dtype and also returned   (add_layer_norm, as a
+        pre-norm transformer block computes `h = h + attn_out; out = norm(h)`)
+
+Statistics are computed in fp32 and saved (mean, rstd: fp32, one per row), so the backward never
+recomputes them. Backward, per row (xhat = (s - mean) * rstd, g = dy * weight):
+    ds = rstd * (g - xhat * mean(g * xhat) - mean(g))  (+ the upstream gradient of s, add variant)
+    dweight = sum_rows dy * xhat,   dbias = sum_rows dy    (two-stage partial sums, _norm_common)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tritonize.kernels import _norm_common as nc
+from tritonize.kernels._norm_common import load_sum_f32
+from tritonize.kernels._common import check_arg, check_same_device, check_tensor, rows_2d, use_triton
+
+# =============================================================================================
+# 1. Triton kernels
+# =============================================================================================
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) input, row stride stride_x
+    R,  # (M, N) residual, row stride stride_r (if HAS_RESIDUAL)
+    W,  # (N,) weight (if HAS_WEIGHT)
+    B,  # (N,) bias (if HAS_BIAS)
+    Y,  # (M, N) output, contiguous, x's dtype
+    S,  # (M, N) x + residual, contiguous, x's dtype (if HAS_RESIDUAL)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    M,
+    N,
+    stride_x,
+    stride_r,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LOOP: tl.constexpr,  # row wider than BLOCK_N: loop over chunks (ROWS == 1)
+    ROWS: tl.constexpr,  # rows per program (narrow rows are batched into one 2-D tile)
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if not LOOP:
+        # The whole (ROWS, N) tile sits in registers: x is read from memory exactly once.
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        m = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=m, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(S + rows64[:, None] * N + cols[None, :], x, mask=m)
+        x = x.to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        # two-pass variance on the register-resident row: no E[x^2] - E[x]^2 cancellation
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / N
+        rstd = tl.rsqrt(var + eps)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+        y = xc * rstd[:, None]
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = y * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = y + b[None, :]
+        tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+    else:
+        # Very wide row (> LN_FWD_FUSED_MAX): three passes over BLOCK_N chunks (sum, centred sum of
+        # squares, normalise); passes 2 and 3 re-read the row, mostly from L2. s is recomputed
+        # from x and residual rather than read back from S (no intra-program RAW through memory).
+        # persistent, few programs (LOOP_PROGRAMS_PER_SM): re-reads of a row then hit L2
+        for row in range(pid.to(tl.int64), M, tl.num_programs(0)):
+            ox = row * stride_x
+            orr = row * stride_r
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cm = cols < N
+                s = load_sum_f32(X, R, ox, orr, cols, cm, HAS_RESIDUAL)
+                if HAS_RESIDUAL:
+                    tl.store(S + row * N + cols, s.to(S.dtype.element_ty), mask=cm)
+                acc += s
+            mean = tl.sum(acc, axis=0) / N
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cm = cols < N
+                s = load_sum_f32(X, R, ox, orr, cols, cm, HAS_RESIDUAL)
+                d = tl.where(cm, s - mean, 0.0)
+                acc += d * d
+            rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
+            for c0 in range(0, N, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cm = cols < N
+                s = load_sum_f32(X, R, ox, orr, cols, cm, HAS_RESIDUAL)
+                y = (s - mean) * rstd
+                if HAS_WEIGHT:
+                    y = y * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    y = y + tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # (M, N) the normalised input s (x, or x + residual), row stride stride_x
+    W,  # (N,) weight (if HAS_WEIGHT)
+    DY,  # (M, N) gradient of y, row stride stride_dy
+    DS,  # (M, N) gradient of the returned s, row stride stride_ds (if HAS_DS)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    DX,  # (M, N) gradient of s (= of x and of residual), contiguous, x's dtype
+    DW_PART,  # (G, N) fp32 per-program partial dweight (if COMPUTE_DW)
+    DB_PART,  # (G, N) fp32 per-program partial dbias (if COMPUTE_DB)
+    M,
+    N,
+    stride_x,
+    stride_dy,
+    stride_ds,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,  # only without LOOP: the accumulator must fit in registers
+    COMPUTE_DB: tl.constexpr,
+    LOOP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Persistent: G programs stride over row blocks, each keeping its dweight/dbias partial in
+    # registers and writing it once at the end (stage 1 of the two-stage reduction).
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    if not LOOP:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc_w = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for r0 in range(pid * ROWS, M, G * ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_ok = rows < M
+            rows64 = rows.to(tl.int64)
+            m = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_WEIGHT:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            # ds = rstd * (g - xhat * c1 - c2),  c1 = mean(g * xhat),  c2 = mean(g)
+            c1 = tl.sum(g * xhat, axis=1) / N
+            c2 = tl.sum(g, axis=1) / N
+            dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_DS:
+                dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+            if COMPUTE_DW:
+                acc_w += dy * xhat
+            if COMPUTE_DB:
+                acc_b += dy
+        if COMPUTE_DW:
+            tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+        if COMPUTE_DB:
+            tl.store(DB_PART + pid.to(tl.int64) * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+    else:
+        # Row wider than the register budget: pass 1 accumulates c1, c2 over chunks, pass 2
+        # re-reads the row (from L2) and writes dx. dweight/dbias come from _norm_dwdb_kernel.
+        # int64 loop variable (compiled), so row * stride cannot overflow int32
+        for row in range(pid.to(tl.int64), M, G):
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            a1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            a2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cm = cols < N
+                x = tl.load(X + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+                g = tl.load(DY + row * stride_dy + cols, mask=cm, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    g = g * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+                xhat = tl.where(cm, (x - mean) * rstd, 0.0)
+                a1 += g * xhat
+                a2 += g
+            c1 = tl.sum(a1, axis=0) / N
+            c2 = tl.sum(a2, axis=0) / N
+            for c0 in range(0, N, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cm = cols < N
+                x = tl.load(X + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+                g = tl.load(DY + row * stride_dy + cols, mask=cm, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    g = g * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                dx = (g - (xhat * c1 + c2)) * rstd
+                if HAS_DS:
+                    dx += tl.load(DS + row * stride_ds + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=cm)
+
+
+# =============================================================================================
+# 2. Launchers (usable without autograd)
+# =============================================================================================
+
+
+def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, residual=None):
+    """Returns (y, s, mean, rstd): y like x (contiguous), s = x + residual (empty if no residual),
+    mean/rstd fp32 of shape x.shape[:-1]."""
+    shape = x.shape
+    n = shape[-1]
+    x2 = rows_2d(x)  # copies only if the last dim is not unit-stride (see rows_2d)
+    m = x2.shape[0]
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        mean.zero_()
+        rstd.zero_()
+        return y, s, mean, rstd
+    r2 = rows_2d(residual) if residual is not None else x2
+    weight, bias = nc.vec(weight), nc.vec(bias)
+    block, rows, warps, loop = nc.row_config(n, nc.LN_FWD_FUSED_MAX, nc.FWD_LOOP)
+    grid = min(m, nc.device_sms(x) * nc.LOOP_PROGRAMS_PER_SM) if loop else triton.cdiv(m, rows)
+    with nc.device_ctx(x):
+        _layer_norm_fwd_kernel[(grid,)](
+            x2,
+            r2,
+            weight if weight is not None else x2,
+            bias if bias is not None else x2,
+            y,
+            s if residual is not None else y,
+            mean,
+            rstd,
+            m,
+            n,
+            x2.stride(0),
+            r2.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            LOOP=loop,
+            ROWS=rows,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
+    return y, s, mean, rstd
+
+
+def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True, compute_db=False,
+                        dw_dtype=None, db_dtype=None):
+    """Gradients of layer norm. `xin` is the normalised input (x, or x + residual), `ds` the
+    upstream gradient of the returned sum (add variant). Returns (dx, dw, db); dw/db are None
+    when not computed."""
+    shape = xin.shape
+    n = shape[-1]
+    compute_dw = compute_dw and weight is not None
+    x2 = rows_2d(xin)
+    # An upstream gradient can arrive expanded (stride 0) or transposed: rows_2d copies it then.
+    dy2 = rows_2d(dy)
+    ds2 = rows_2d(ds) if ds is not None else dy2
+    m = x2.shape[0]
+    dx = torch.empty(shape, dtype=xin.dtype, device=xin.device)
+    dw = torch.empty((n,), dtype=dw_dtype or (weight.dtype if weight is not None else xin.dtype),
+                     device=xin.device) if compute_dw else None
+    db = torch.empty((n,), dtype=db_dtype or xin.dtype, device=xin.device) if compute_db else None
+    if m == 0 or n == 0:
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return dx, dw, db
+    weight = nc.vec(weight)
+    fused_acc = (compute_dw or compute_db) and n <= nc.BWD_FUSED_MAX
+    block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP)
+    if fused_acc:
+        grid = nc.persistent_grid(xin, triton.cdiv(m, rows), block * rows, warps, int(compute_dw) + int(compute_db))
+    elif loop:
+        # persistent, few programs: the second pass over each row then re-reads it from L2
+        grid = min(m, nc.device_sms(xin) * nc.LOOP_PROGRAMS_PER_SM)
+    else:
+        grid = triton.cdiv(m, rows)  # one row block per program: nothing to carry across rows
+    dw_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_dw else None
+    db_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_db else None
+    with nc.device_ctx(xin):
+        _layer_norm_bwd_kernel[(grid,)](
+            x2,
+            weight if weight is not None else x2,
+            dy2,
+            ds2,
+            mean,
+            rstd,
+            dx,
+            dw_part if dw_part is not None else mean,
+            db_part if db_part is not None else mean,
+            m,
+            n,
+            x2.stride(0),
+            dy2.stride(0),
+            ds2.stride(0),
+            HAS_WEIGHT=weight is not None,
+            HAS_DS=ds is not None,
+            COMPUTE_DW=dw_part is not None,
+            COMPUTE_DB=db_part is not None,
+            LOOP=loop,
+            ROWS=rows,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
+        if (compute_dw or compute_db) and not fused_acc:
+            dw_part, db_part = nc.dwdb_split(x2, dy2, mean, rstd, compute_dw, compute_db, round_xhat=False)
+        if compute_dw or compute_db:
+            nc.reduce_partials(dw_part, db_part, dw, db)
+    return dx, dw, db
+
+
+# =============================================================================================
+# 3. Custom ops: forward, backward, autograd
+# =============================================================================================
+
+
+def _fwd_torch(x, residual, weight, bias, eps):
+    """Plain-torch twin of the forward kernel (fp32 statistics), for devices Triton does not run on."""
+    s = x + residual if residual is not None else x
+    h = s.float()
+    mean = h.mean(-1)
+    rstd = torch.rsqrt((h - mean[..., None]).pow(2).mean(-1) + eps)
+    y = (h - mean[..., None]) * rstd[..., None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
+
+
+def _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype, db_dtype):
+    n = xin.shape[-1]
+    xhat = (xin.float() - mean[..., None]) * rstd[..., None]
+    g = dy.float() * weight.float() if weight is not None else dy.float()
+    c1 = (g * xhat).sum(-1, keepdim=True) / n
+    c2 = g.sum(-1, keepdim=True) / n
+    dx = (g - (xhat * c1 + c2)) * rstd[..., None]
+    if ds is not None:
+        dx = dx + ds.float()
+    lead = tuple(range(xin.dim() - 1))
+    dw = (dy.float() * xhat).sum(lead).to(dw_dtype) if compute_dw else None
+    db = dy.float().sum(lead).to(db_dtype) if compute_db else None
+    return dx.to(xin.dtype), dw, db
+
+
+@torch.library.custom_op("tritonize::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return layer_norm_forward(x, weight, bias, eps, residual)
+    return _fwd_torch(x, residual, weight, bias, eps)
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps):
+    s = x.new_empty(x.shape if residual is not None else (0,))
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), s, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("tritonize::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    xin: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    compute_dw = compute_dw and weight is not None
+    compute_db = compute_db and bias is not None
+    dw_dtype = weight.dtype if weight is not None else None
+    db_dtype = bias.dtype if bias is not None else None
+    if use_triton(xin):
+        dx, dw, db = layer_norm_backward(dy, xin, weight, mean, rstd, ds=ds, compute_dw=compute_dw,
+                                         compute_db=compute_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
+    else:
+        dx, dw, db = _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype, db_dtype)
+    # custom-op outputs cannot be None: an absent gradient is an empty tensor
+    return dx, (dw if dw is not None else xin.new_empty(0)), (db if db is not None else xin.new_empty(0))
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, ds, xin, weight, bias, mean, rstd, compute_dw, compute_db):
+    dw = weight.new_empty(weight.shape) if compute_dw and weight is not None else xin.new_empty(0)
+    db = bias.new_empty(bias.shape) if compute_db and bias is not None else xin.new_empty(0)
+    return xin.new_empty(xin.shape), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    y, s, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s if residual is not None else x, weight, bias, mean, rstd)
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    xin, weight, bias, mean, rstd = ctx.saved_tensors
+    need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
+    if dy is None:  # only the sum output was used downstream
+        dy = torch.zeros_like(xin)
+    if not ctx.has_residual:
+        ds = None
+    dx, dw, db = _layer_norm_bwd_op(dy, ds, xin, weight, bias, mean, rstd,
+                                    bool(need_w and weight is not None), bool(need_b and bias is not None))
+    # d(x + residual) flows unchanged into both summands
+    return (dx if need_x else None, dx if (need_r and ctx.has_residual) else None,
+            dw if need_w and weight is not None else None, db if need_b and bias is not None else None, None)
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =============================================================================================
+# 4. Reference
+# =============================================================================================
+
+
+def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, residual=None, upcast=False):
+    """Plain torch. Returns normed (and x + residual when residual is given). With upcast=True
+    everything (including the residual sum) is computed in fp32 and returned in fp32."""
+    if upcast:
+        x = x.float()
+        residual = residual.float() if residual is not None else None
+        weight = weight.float() if weight is not None else None
+        bias = bias.float() if bias is not None else None
+    s = x + residual if residual is not None else x
+    w = weight.to(s.dtype) if weight is not None else None
+    b = bias.to(s.dtype) if bias is not None else None
+    y = F.layer_norm(s, (s.shape[-1],), w, b, eps)
+    return (y, s) if residual is not None else y
+
+
+# =============================================================================================
+# 5. Public functions
+# =============================================================================================
+
+
+def _check(op, x, residual, weight, bias, eps):
+    check_tensor(op, "x", x)
+    check_arg(op, "x", x.dim() >= 1, "must have at least one dimension (the normalised one)")
+    n = x.shape[-1]
+    if op.startswith("add_"):
+        check_tensor(op, "residual", residual, dtypes=(x.dtype,))
+        check_arg(op, "residual", residual.shape == x.shape,
+                  f"must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_tensor(op, "weight", weight, optional=True)
+    check_tensor(op, "bias", bias, optional=True)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_arg(op, name, p.shape == (n,), f"must have shape ({n},) (x's last dim), got {tuple(p.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise TypeError(f"tritonize.{op}: argument 'eps' must be a float, got {type(eps).__name__}")
+    check_arg(op, "eps", eps > 0, f"must be > 0, got {eps}")
+    check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dim of x (any leading dims); weight/bias optional. Output: x's dtype."""
+    _check("layer_norm", x, None, weight, bias, eps)
+    return _layer_norm_fwd_op(x, None, weight, bias, float(eps))[0]
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """(layer_norm(x + residual), x + residual), the sum rounded to x's dtype as torch rounds it.
+    Gradients flow to x, residual, weight and bias (the sum's gradient into both x and residual)."""
+    _check("add_layer_norm", x, residual, weight, bias, eps)
+    y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, float(eps))
+    return y, s

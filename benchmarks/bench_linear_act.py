@@ -1,0 +1,185 @@
+"""Fused linear->activation and gated MLP, forward and forward+backward: tritonize vs torch eager
+vs torch.compile vs Liger's SwiGLU.
+
+    python -m benchmarks.bench_linear_act [--quick] [--out table.md]
+
+bf16, tokens M=8192, the MLP up-projections of
+    GPT-2      768 -> 3072   linear + bias + gelu_tanh
+    Llama-1B  2048 -> 8192   gated silu (SwiGLU), no bias
+    Llama-8B  4096 -> 14336  gated silu (SwiGLU), no bias
+FLOPs: forward 2*M*K*N per product (gated: two products), forward+backward 3x that (dX and dW
+are one product each). Element-wise work is not counted. Peak memory: bytes allocated during one
+forward+backward (torch.autograd.grad w.r.t. x and the weights) above what existed before it.
+
+Rows per shape:
+  eager            F.linear + activation (gated: F.silu(F.linear(x, Wg)) * F.linear(x, Wu))
+  compile          torch.compile of the eager function
+  liger            LigerSiLUMulFunction on the two F.linear outputs (how Liger's MLP runs)
+  tritonize        linear_act / gated_linear (Triton GEMM + fused epilogue; dZ kernel + cuBLAS)
+  matmul_only      the same GEMMs on cuBLAS with no activation at all: the shape's own ceiling
+ablation rows (the two design choices in tritonize/kernels/linear_act.py):
+  tritonize_recompute   SAVE_PRE=False: Z recomputed in backward by the GEMM (GPT-2 shape)
+  tritonize_cublas_fwd  FORWARD_IMPL="cublas": cuBLAS GEMM(s) + element-wise epilogue kernel
+Targets (issue 3), on each tritonize row: fwd+bwd >= 1.05x eager, >= 0.95x compile, >= 60% of
+the measured bf16 matmul ceiling, peak memory <= eager.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._common import Bench, liger_available, matmul_tflops, parser, peak_memory_bytes, time_ms, try_compile
+
+SHAPES = [
+    # name, K, N, activation, gated, bias
+    ("gpt2", 768, 3072, "gelu_tanh", False, True),
+    ("llama1b", 2048, 8192, "silu", True, False),
+    ("llama8b", 4096, 14336, "silu", True, False),
+]
+
+
+def _eager(act, gated):
+    from tritonize.kernels._activations import TORCH_ACTIVATIONS
+
+    f = TORCH_ACTIVATIONS[act]
+    if gated:
+        return lambda x, wg, wu: f(F.linear(x, wg)) * F.linear(x, wu)
+    return lambda x, w, b: f(F.linear(x, w, b))
+
+
+def _matmul_only(gated):
+    if gated:
+        return lambda x, wg, wu: _Two.apply(x, wg, wu)
+    return lambda x, w, b: F.linear(x, w, b)
+
+
+class _Two(torch.autograd.Function):
+    """Both products, no activation, backward = the 4 cuBLAS GEMMs (dX accumulated in place)."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu):
+        ctx.save_for_backward(x, wg, wu)
+        return F.linear(x, wg), F.linear(x, wu)
+
+    @staticmethod
+    def backward(ctx, dg, du):
+        x, wg, wu = ctx.saved_tensors
+        x2, dg2, du2 = x.reshape(-1, x.shape[-1]), dg.reshape(-1, dg.shape[-1]), du.reshape(-1, du.shape[-1])
+        dx = torch.mm(dg2, wg).addmm_(du2, wu)
+        return dx.view(x.shape), dg2.t() @ x2, du2.t() @ x2
+
+
+def _impls(act, gated):
+    la = importlib.import_module("tritonize.kernels.linear_act")
+    eager = _eager(act, gated)
+    impls = {"eager": eager}
+    compiled = try_compile(eager)
+    if compiled is not None:
+        impls["compile"] = compiled
+    if gated and act == "silu" and liger_available():
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        impls["liger"] = lambda x, wg, wu: LigerSiLUMulFunction.apply(F.linear(x, wg), F.linear(x, wu))
+    if gated:
+        impls["tritonize"] = lambda x, wg, wu: la.gated_linear(x, wg, wu, act)
+    else:
+        impls["tritonize"] = lambda x, w, b: la.linear_act(x, w, b, act)
+    impls["matmul_only"] = _matmul_only(gated)
+    return la, impls
+
+
+def _outputs(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+def main(argv=None):
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_linear_act needs a CUDA GPU; none found, nothing measured.", file=sys.stderr)
+        return 0
+    bench = Bench("linear_act")
+    dtype, M = torch.bfloat16, 8192
+    ceiling = matmul_tflops()
+    bench.row(op="ceiling", impl="bf16 matmul 8192^3", fwd_bwd_tflops=ceiling)
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    for name, K, N, act, gated, has_bias in shapes:
+        la, impls = _impls(act, gated)
+        x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+        ws = [(torch.randn(N, K, device="cuda", dtype=dtype) * K**-0.5).requires_grad_() for _ in range(1 + gated)]
+        b = torch.randn(N, device="cuda", dtype=dtype, requires_grad=True) if has_bias else None
+        inputs = (x, *ws) if gated else (x, ws[0], b)
+        leaves = [t for t in inputs if t is not None]
+        dy = torch.randn(M, N, device="cuda", dtype=dtype)
+        fwd_flops = 2 * M * K * N * (2 if gated else 1)
+        shape = f"{M}x{K}->{N}"
+        # (impl, module switches) — the ablation rows flip the design switches of linear_act.py
+        runs = [(n, fn, {}) for n, fn in impls.items()]
+        if not args.quick:
+            if not gated:
+                runs.append(("tritonize_recompute", impls["tritonize"], {"SAVE_PRE": False}))
+            runs.append(("tritonize_cublas_fwd", impls["tritonize"], {"FORWARD_IMPL": "cublas"}))
+        ref = {}
+        for impl, fn, switches in runs:
+            base = dict(op="gated_linear" if gated else "linear_act", impl=impl, shape=shape, model=name, act=act)
+            saved = {k: getattr(la, k) for k in switches}
+            try:
+                for k, v in switches.items():
+                    setattr(la, k, v)
+
+                def fwd():
+                    with torch.no_grad():
+                        return fn(*inputs)
+
+                def fwd_bwd():
+                    outs = _outputs(fn(*inputs))
+                    return torch.autograd.grad(outs, leaves, [dy] * len(outs))
+
+                ms_f = time_ms(fwd)
+                ms_fb = time_ms(fwd_bwd)
+                peak = peak_memory_bytes(fwd_bwd)
+                tf_fb = 3 * fwd_flops / ms_fb * 1e-9
+                row = dict(
+                    fwd_ms=ms_f, fwd_tflops=fwd_flops / ms_f * 1e-9, fwd_bwd_ms=ms_fb, fwd_bwd_tflops=tf_fb,
+                    pct_of_matmul=100 * tf_fb / ceiling, peak_mb=peak / 2**20,
+                )  # fmt: skip
+                ref[impl] = row
+                if impl.startswith("tritonize") and "eager" in ref:
+                    row["vs_eager"] = ref["eager"]["fwd_bwd_ms"] / ms_fb
+                    row["peak_vs_eager"] = peak / 2**20 / ref["eager"]["peak_mb"]
+                    if "compile" in ref:
+                        row["vs_compile"] = ref["compile"]["fwd_bwd_ms"] / ms_fb
+                    miss = []
+                    if row["vs_eager"] < 1.05:
+                        miss.append("eager")
+                    if row.get("vs_compile", 1.0) < 0.95:
+                        miss.append("compile")
+                    if row["pct_of_matmul"] < 60:
+                        miss.append("ceiling")
+                    if row["peak_vs_eager"] > 1.0:
+                        miss.append("memory")
+                    row["targets"] = "met" if not miss else "missed: " + ",".join(miss)
+                bench.row(**base, **row)
+            except Exception as e:  # a failing impl is a row, never a crash that loses the others
+                bench.row(**base, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            finally:
+                for k, v in saved.items():
+                    setattr(la, k, v)
+                torch.cuda.empty_cache()
+        del x, ws, b, inputs, leaves, dy
+        torch.cuda.empty_cache()
+    text = bench.table(
+        ["impl", "model", "shape", "act", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms", "pct_of_matmul",
+         "vs_eager", "vs_compile", "peak_mb", "peak_vs_eager", "targets", "error"]
+    )  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""linear_act and gated_linear: forward and every gradient vs an fp64 reference (three-way rule).
+
+On CPU the kernels run in Triton's interpreter (fp32, fp16); on a GPU the same tests add bf16.
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from tests.helpers import assert_close3, dtypes_for, noncontig_rows, stride0_grad
+from tritonize.kernels._activations import ACTIVATIONS
+from tritonize.kernels.linear_act import gated_linear, gated_linear_reference, linear_act, linear_act_reference
+
+# the module itself (for the ablation switches): `import tritonize.kernels.linear_act as la` would
+# give the public function of the same name, which the package's lazy exports put in its place
+la = importlib.import_module("tritonize.kernels.linear_act")
+
+GATED = ["silu", "gelu", "gelu_tanh"]  # SwiGLU, GeGLU (erf), GeGLU (tanh)
+
+
+def _make(shape_x, n, dtype, device, bias=True, n_w=1):
+    k = shape_x[-1]
+    x = torch.randn(*shape_x, device=device).to(dtype)
+    # scale so the pre-activation is ~N(0, 2^2): every activation is exercised in its curved part
+    ws = [(torch.randn(n, k, device=device) * (2.0 / math.sqrt(k))).to(dtype) for _ in range(n_w)]
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    return x, ws, b
+
+
+def _grads(fn, inputs, dy):
+    # detach (not clone): a strided input stays strided (clone would make a padded view dense)
+    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
+    it = iter(leaves)
+    args = [next(it) if t is not None else None for t in inputs]
+    y = fn(*args)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves]
+
+
+def _check(fn, ref_fn, inputs, dy, names, tag):
+    """Kernel vs torch (same dtype) vs fp64 reference, for the output and each input's gradient."""
+    out, g = _grads(fn, inputs, dy)
+    out_t, g_t = _grads(ref_fn, inputs, dy)
+    dbl = [t.double() if t is not None else None for t in inputs]
+    out_r, g_r = _grads(ref_fn, dbl, dy.double())
+    assert out.dtype == inputs[0].dtype
+    assert_close3(out, out_t, out_r, name=f"{tag} out")
+    for name, a, t, r in zip(names, g, g_t, g_r):
+        assert a is not None, f"{tag}: no gradient for {name}"
+        assert a.dtype == t.dtype
+        assert_close3(a, t, r, name=f"{tag} d{name}")
+
+
+@pytest.mark.parametrize("shape_x,n", [((1, 17), 33), ((2, 19, 17), 33)])
+def test_linear_act_every_activation(device, shape_x, n):
+    """Forward, dX, dW, db for every activation and dtype; M=1 and a prime M (38 rows: 2x19)."""
+    for dtype in dtypes_for(device):
+        for act in ACTIVATIONS:
+            x, (w,), b = _make(shape_x, n, dtype, device)
+            dy = torch.randn(*shape_x[:-1], n, device=device).to(dtype)
+            _check(
+                lambda x, w, b: linear_act(x, w, b, act),
+                lambda x, w, b: linear_act_reference(x, w, b, act),
+                [x, w, b], dy, ["x", "weight", "bias"], f"{act} {dtype} {shape_x}",
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("shape_x,n", [((1, 17), 33), ((37, 17), 33)])
+def test_gated_linear(device, shape_x, n):
+    """SwiGLU and both GeGLUs: forward, dX, dW_gate, dW_up."""
+    for dtype in dtypes_for(device):
+        for act in GATED:
+            x, (wg, wu), _ = _make(shape_x, n, dtype, device, bias=False, n_w=2)
+            dy = torch.randn(*shape_x[:-1], n, device=device).to(dtype)
+            _check(
+                lambda x, wg, wu: gated_linear(x, wg, wu, act),
+                lambda x, wg, wu: gated_linear_reference(x, wg, wu, act),
+                [x, wg, wu], dy, ["x", "w_gate", "w_up"], f"gated {act} {dtype}",
+            )  # fmt: skip
+
+
+def test_strided_inputs_and_stride0_grad(device):
+    """Row-padded x, transposed (column-major) x and weight views, no bias, and a stride-0 dY."""
+    dtype = dtypes_for(device)[-1]
+    x, (w, wg, wu), _ = _make((3, 5, 17), 33, dtype, device, bias=False, n_w=3)
+    xs = [noncontig_rows(x), x.transpose(0, 1).contiguous().transpose(0, 1)]  # leading dims not mergeable
+    x_cm = x.reshape(15, 17).t().contiguous().t()  # 2-D, inner stride != 1
+    w_t = w.t().contiguous().t()  # (N, K) view of a (K, N) buffer: read through strides
+    for xi in [*xs, x_cm]:
+        assert not xi.is_contiguous()
+        dy = torch.randn(*xi.shape[:-1], 33, device=device).to(dtype)
+        _check(lambda x, w: linear_act(x, w, None, "gelu_tanh"), lambda x, w: linear_act_reference(x, w, None, "gelu_tanh"),
+               [xi, w_t], dy, ["x", "weight"], f"strided x {tuple(xi.stride())}")  # fmt: skip
+        _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
+               [xi, wg.t().contiguous().t(), wu], dy, ["x", "w_gate", "w_up"], "gated strided")  # fmt: skip
+    # dY expanded from a scalar (every stride 0), as y.sum().backward() sends it
+    for act in ["gelu", "relu", "none"]:
+        dy = stride0_grad(torch.empty(3, 5, 33, device=device, dtype=dtype))
+        _check(lambda x, w, b: linear_act(x, w, b, act), lambda x, w, b: linear_act_reference(x, w, b, act),
+               [x, w, torch.randn(33, device=device).to(dtype)], dy, ["x", "weight", "bias"], f"stride0 {act}")  # fmt: skip
+    dy = stride0_grad(torch.empty(3, 5, 33, device=device, dtype=dtype))
+    _check(lambda x, a, b: gated_linear(x, a, b, "gelu"), lambda x, a, b: gated_linear_reference(x, a, b, "gelu"),
+           [x, wg, wu], dy, ["x", "w_gate", "w_up"], "gated stride0")  # fmt: skip
+
+
+def test_partial_grads_1d_and_empty(device):
+    """Frozen weight / frozen x (only the needed GEMMs run), 1-D x, and empty tensors."""
+    dtype = torch.float32
+    x, (w, wg, wu), b = _make((4, 17), 33, dtype, device, n_w=3)
+    # frozen weight and bias: only dX
+    xr = x.clone().requires_grad_()
+    linear_act(xr, w, b, "silu").sum().backward()
+    xd = x.double().requires_grad_()
+    linear_act_reference(xd, w.double(), b.double(), "silu").sum().backward()
+    torch.testing.assert_close(xr.grad, xd.grad.float(), rtol=1e-4, atol=1e-4)
+    # frozen x: only dW (and db)
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+    linear_act(x, wr, br, "gelu").sum().backward()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    linear_act_reference(x.double(), wd, bd, "gelu").sum().backward()
+    torch.testing.assert_close(wr.grad, wd.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(br.grad, bd.grad.float(), rtol=1e-4, atol=1e-4)
+    wgr = wg.clone().requires_grad_()
+    gated_linear(x, wgr, wu).sum().backward()  # only w_gate needs a gradient
+    wgd = wg.double().requires_grad_()
+    gated_linear_reference(x.double(), wgd, wu.double()).sum().backward()
+    torch.testing.assert_close(wgr.grad, wgd.grad.float(), rtol=1e-4, atol=1e-4)
+    # inference: nothing saved (the epilogue skips Z / G, U), same output
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():
+        torch.testing.assert_close(linear_act(xg, w, b, "gelu"), linear_act_reference(x, w, b, "gelu"), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gated_linear(xg, wg, wu), gated_linear_reference(x, wg, wu), rtol=1e-4, atol=1e-4)
+    # dZ / dG, dU overwrite the saved tensors: a second backward through the graph must raise,
+    # not silently reuse them
+    for fn in [lambda x: linear_act(x, w, b, "gelu"), lambda x: gated_linear(x, wg, wu)]:
+        y = fn(x.clone().requires_grad_())
+        y.sum().backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    # 1-D x: (K,) -> (N,)
+    y1 = linear_act(x[0], w, b, "tanh")
+    assert y1.shape == (33,)
+    torch.testing.assert_close(y1, linear_act_reference(x[0], w, b, "tanh"), rtol=1e-4, atol=1e-4)
+    # empty: no rows, and no output features; gradients still flow (as zeros)
+    xe = torch.empty(0, 17, device=device, requires_grad=True)
+    we = w.clone().requires_grad_()
+    ye = linear_act(xe, we, None, "gelu")
+    assert ye.shape == (0, 33)
+    ye.sum().backward()
+    assert we.grad.shape == w.shape and not we.grad.any()
+    assert gated_linear(torch.empty(2, 0, 17, device=device), wg, wu).shape == (2, 0, 33)
+    assert linear_act(x, w[:0], b[:0], "relu").shape == (4, 0)
+
+
+def test_ablation_paths(device, monkeypatch):
+    """The recompute backward (SAVE_PRE=False) and the cuBLAS+element-wise forward are correct too."""
+    dtype = torch.float16
+    x, (w, wg, wu), b = _make((9, 17), 33, dtype, device, n_w=3)
+    dy = torch.randn(9, 33, device=device).to(dtype)
+    for save_pre, fwd in [(False, "triton"), (True, "cublas")]:
+        monkeypatch.setattr(la, "SAVE_PRE", save_pre)
+        monkeypatch.setattr(la, "FORWARD_IMPL", fwd)
+        _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+               [x, w, b], dy, ["x", "weight", "bias"], f"save_pre={save_pre} fwd={fwd}")  # fmt: skip
+    _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
+           [x, wg, wu], dy, ["x", "w_gate", "w_up"], "gated cublas fwd")  # fmt: skip
+
+
+def test_reference_path_of_the_ops(device, monkeypatch):
+    """The custom ops' plain-torch path (CPU without the interpreter) gives the same gradients."""
+    monkeypatch.setattr(la, "use_triton", lambda t: False)
+    x, (w, wg, wu), b = _make((2, 5, 17), 33, torch.float32, device, n_w=3)
+    dy = torch.randn(2, 5, 33, device=device)
+    for act in ["gelu_tanh", "relu", "none", "quick_gelu"]:
+        _check(lambda x, w, b: linear_act(x, w, b, act), lambda x, w, b: linear_act_reference(x, w, b, act),
+               [x, w, b], dy, ["x", "weight", "bias"], f"reference path {act}")  # fmt: skip
+    _check(lambda x, a, b: gated_linear(x, a, b, "gelu"), lambda x, a, b: gated_linear_reference(x, a, b, "gelu"),
+           [x, wg, wu], dy, ["x", "w_gate", "w_up"], "reference path gated")  # fmt: skip
+
+
+def test_torch_compile_opaque(device):
+    """The custom ops trace through Dynamo/AOTAutograd (fake impls, in-place dZ in backward)."""
+    x, (w,), b = _make((2, 3, 17), 33, torch.float32, device)
+    _, (wg, wu), _ = _make((1, 33), 20, torch.float32, device, n_w=2)
+    wd = torch.randn(20, 20, device=device) / 5
+
+    def f(x, w, b, wg, wu):
+        return gated_linear(linear_act(x, w, b, "gelu_tanh"), wg, wu, "silu") @ wd
+
+    def f_ref(x, w, b, wg, wu):
+        return gated_linear_reference(linear_act_reference(x, w, b, "gelu_tanh"), wg, wu, "silu") @ wd
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, wg, wu)]
+    out = cf(*leaves)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b, wg, wu)]
+    wd = wd.double()
+    out_r = f_ref(*ref_leaves)
+    grads_r = torch.autograd.grad(out_r.square().sum(), ref_leaves)
+    torch.testing.assert_close(out, out_r.float(), rtol=1e-4, atol=1e-4)
+    for g, gr in zip(grads, grads_r):
+        torch.testing.assert_close(g, gr.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="awkward larger shape: GPU only (interpreter too slow)")
+def test_larger_awkward_shape_cuda():
+    """1823 x 781 -> 1023 (nothing a multiple of a block), every dtype, linear and gated."""
+    for dtype in dtypes_for("cuda"):
+        x, (w, wg, wu), b = _make((1823, 781), 1023, dtype, "cuda", n_w=3)
+        dy = torch.randn(1823, 1023, device="cuda").to(dtype)
+        _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+               [x, w, b], dy, ["x", "weight", "bias"], f"large {dtype}")  # fmt: skip
+        _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
+               [x, wg, wu], dy, ["x", "w_gate", "w_up"], f"large gated {dtype}")  # fmt: skip
+
+
+def test_bad_arguments(device):
+    x = torch.randn(4, 17, device=device)
+    w = torch.randn(33, 17, device=device)
+    with pytest.raises(ValueError, match=r"tritonize\.linear_act: argument 'weight'.*K=16"):
+        linear_act(x, torch.randn(33, 16, device=device))
+    with pytest.raises(ValueError, match=r"tritonize\.linear_act: argument 'activation'.*'swish'"):
+        linear_act(x, w, activation="swish")
+    with pytest.raises(ValueError, match=r"tritonize\.linear_act: argument 'bias'.*\(33,\)"):
+        linear_act(x, w, torch.randn(32, device=device))
+    with pytest.raises(ValueError, match=r"tritonize\.linear_act: argument 'weight' must be 2-D"):
+        linear_act(x, torch.randn(2, 33, 17, device=device))
+    with pytest.raises(TypeError, match=r"tritonize\.linear_act: argument 'weight' has dtype torch.float16"):
+        linear_act(x, w.half())
+    with pytest.raises(TypeError, match=r"tritonize\.linear_act: argument 'x' has dtype torch.int64"):
+        linear_act(torch.ones(4, 17, dtype=torch.long, device=device), w)
+    with pytest.raises(ValueError, match=r"tritonize\.gated_linear: argument 'w_up' has shape \(32, 17\)"):
+        gated_linear(x, w, torch.randn(32, 17, device=device))
+    with pytest.raises(ValueError, match=r"tritonize\.gated_linear: argument 'w_gate'.*K=18"):
+        gated_linear(x, torch.randn(33, 18, device=device), torch.randn(33, 18, device=device))
+    with pytest.raises(ValueError, match=r"tritonize\.gated_linear: argument 'activation'"):
+        gated_linear(x, w, w, activation=None)

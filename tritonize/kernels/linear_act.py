@@ -1,0 +1,934 @@
+"""Fused linear -> activation, and the gated MLP (SwiGLU / GeGLU), each with a custom backward.
+
+    linear_act(x, weight, bias=None, activation="gelu")  = act(x @ weight^T + bias)
+    gated_linear(x, w_gate, w_up, activation="silu")     = act(x @ w_gate^T) * (x @ w_up^T)
+
+x is (..., K) with any strides; weights are (N, K) as `nn.Linear` stores them and are read
+transposed through their strides (never copied). Activations come from `_activations.ACTIVATIONS`.
+
+Forward: one tiled Triton GEMM (grouped program order, bf16/fp16 `tl.dot` into fp32
+accumulators, autotuned for Hopper) whose epilogue adds the bias and applies the activation in
+registers, so the pre-activation never makes a round trip through memory inside the forward.
+The gated kernel keeps two accumulators and reads each x tile once for both products.
+
+Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in)
+           dX = dZ @ W,   dW = dZ^T @ X,   db = sum_rows dZ      (dX, dW on cuBLAS)
+  gated:   dG = dY * U * act'(G),  dU = dY * act(G)          (one Triton element-wise kernel)
+           dX = dG @ Wg + dU @ Wu (one GEMM + one accumulating GEMM), dWg = dG^T X, dWu = dU^T X
+
+Save vs recompute (the issue asks to choose): we SAVE the pre-activation Z (gated: G and U).
+  - Recomputing Z in backward costs a whole extra GEMM: 2MNK FLOPs on top of the 6MNK of
+    fwd+bwd, i.e. +33% work (gated: +2 GEMMs, also +33%), on ops that are compute-bound. Saving
+    costs one extra M*N store in forward (the epilogue writes Z next to Y: ~2-3% of the step at
+    the benchmark shapes) and M*N of memory — which torch eager also holds (it saves Z for the
+    activation's backward; for the gated form eager holds G, U and act(G): one tensor more).
+  - The saved tensor is private to this op, so the backward writes dZ over it in place (the
+    element-wise kernel reads Z and writes dZ at the same address; the custom op declares the
+    mutation). So backward allocates no M*N tensor at all, and peak memory stays below eager,
+    which holds Z and dZ at once.
+  - For none/relu/sigmoid/tanh the derivative is a function of the output, so nothing extra
+    is saved at all: Y (which the caller holds anyway) is used, as torch does.
+  The recompute path is kept (`SAVE_PRE = False`, linear_act only) for the ablation in
+  benchmarks/bench_linear_act.py, which times both (rows tritonize vs tritonize_recompute).
+  H100 numbers for this choice: not yet measured (written on a CPU-only machine); on paper the
+  recompute path loses ~25% of fwd+bwd time at compute-bound shapes and saves one M*N tensor.
+
+Eager fast path: a plain eager call on a real tensor goes through `torch.autograd.Function`s
+(_LinearActFn, _GatedLinearFn) that run the same impls; the custom-op dispatch layers cost ~4x
+the Python time of a plain autograd.Function per fwd+bwd (measured on CPU: ~180 us vs ~45 us),
+which shows at small shapes. Under torch.compile / fake tensors / functorch the registered custom
+ops are used, so graphs see one opaque op.
+
+Forward on Triton vs cuBLAS + element-wise: `FORWARD_IMPL` ("triton", default; or "cublas",
+also via TRITONIZE_LINEAR_ACT_FWD=cublas) selects the forward; the benchmark times both (rows
+tritonize vs tritonize_cublas_fwd). On paper: the Triton epilogue saves one M*N read+write
+(linear) or two reads and a write (gated) against cuBLAS + an element-wise pass, ~0.2 ms at the
+Llama-8B shape, so it wins if the Triton GEMM stays within ~7% of cuBLAS there. Not yet measured.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tritonize.kernels._activations import (
+    ACTIVATIONS,
+    GRAD_FROM_OUTPUT,
+    activation_fwd,
+    activation_grad,
+    activation_grad_from_output,
+    check_activation,
+)
+from tritonize.kernels._common import INTERPRET, check_arg, check_same_device, check_tensor, use_triton
+
+# Design switches (read at every call, so the benchmark can flip them for its ablation).
+SAVE_PRE = True  # save the pre-activation for backward (True) or recompute it there (False)
+FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "triton")  # "triton" | "cublas"
+
+# ---------------------------------------------------------------------------------------------
+# Autotune configs (module level). Hopper: 228 KB of shared memory per SM, wgmma wants
+# BLOCK_M a multiple of 64 and 4-8 warps. Keyed on (M bucket, N, K): M is bucketed to a power
+# of two so new sequence lengths reuse the tuned config instead of re-tuning.
+# ---------------------------------------------------------------------------------------------
+
+_SMEM_LIMIT = 227 * 1024
+
+
+def _cfg(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+
+
+if INTERPRET:
+    # The interpreter runs every program in numpy: one small config, no tuning. 16x32x16 makes
+    # the test shapes (K=17, N=33) take several K steps and several column tiles, with tails.
+    _LINEAR_CONFIGS = [_cfg(16, 32, 16, 1, 4)]
+    _GATED_CONFIGS = [_cfg(16, 32, 16, 1, 4)]
+else:
+    _LINEAR_CONFIGS = [
+        _cfg(bm, bn, bk, s, w)
+        for (bm, bn, bk, s, w) in [
+            (128, 256, 64, 3, 8),
+            (128, 256, 64, 4, 8),
+            (256, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
+    ]
+    # The gated tile holds two BLOCK_N-wide accumulators (gate and up): 128x128 here is a
+    # 128x256 tile's worth of registers and shared memory.
+    _GATED_CONFIGS = [
+        _cfg(bm, bn, bk, s, w)
+        for (bm, bn, bk, s, w) in [
+            (128, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (64, 256, 64, 3, 8),
+            (128, 64, 64, 4, 4),
+            (128, 64, 64, 4, 8),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot fit shared memory for this dtype, or are oversized for tiny M."""
+    elsize = named_args["x_ptr"].element_size()
+    n_b = 2 if "wu_ptr" in named_args else 1  # gated: two weight tiles per K step
+    small_m = named_args["M_BUCKET"] <= 64
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (bm * bk + n_b * bk * bn) * elsize * c.num_stages > _SMEM_LIMIT:
+            continue
+        if small_m and bm > 64:
+            continue
+        if elsize == 4 and bm * bn * n_b > 128 * 128:  # fp32 tiles: registers, not smem, bind
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _m_bucket(m: int) -> int:
+    return min(max(triton.next_power_of_2(m), 64), 8192)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ("swizzled") order: GROUP_M row-tiles walk the columns together, so a band of W
+    # stays in L2 while GROUP_M tiles of x reuse it.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(
+    configs=_LINEAR_CONFIGS,
+    key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _linear_act_fwd_kernel(
+    x_ptr,  # (M, K) any strides
+    w_ptr,  # (N, K) any strides; read as W^T tiles
+    b_ptr,  # (N,) bias (HAS_BIAS)
+    y_ptr,  # (M, N) out: act(Z), or dZ = dY * act'(Z) when GRAD_OUT
+    pre_ptr,  # (M, N) out: Z = x W^T + b, same strides as y (STORE_PRE)
+    dy_ptr,  # (M, N) upstream gradient, any strides (GRAD_OUT: the recompute backward)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    stride_dym,
+    stride_dyn,
+    M_BUCKET,  # autotune key only
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GRAD_OUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Loads wrap out-of-range rows/cols onto valid ones (no mask in the main loop); the
+    # epilogue masks the stores, so the wrapped values are never written.
+    rm_ld = (rm % M).to(tl.int64)
+    rn_ld = (rn % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk  # (BLOCK_K, BLOCK_N) of W^T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue, in fp32 registers: Z = acc + b; Y = act(Z).
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    rm64 = rm.to(tl.int64)
+    out_offs = rm64[:, None] * stride_ym + rn[None, :] * stride_yn
+    if GRAD_OUT:
+        # recompute backward: dZ = dY * act'(Z), Z never stored
+        dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=mask, other=0.0)
+        dz = dy.to(tl.float32) * activation_grad(acc, ACTIVATION)
+        tl.store(y_ptr + out_offs, dz.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if STORE_PRE:
+            tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        y = activation_fwd(acc, ACTIVATION)
+        tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=_GATED_CONFIGS,
+    key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _gated_linear_fwd_kernel(
+    x_ptr,  # (M, K) any strides
+    wg_ptr,  # (N, K) gate weight, any strides
+    wu_ptr,  # (N, K) up weight, any strides
+    out_ptr,  # (M, N) out: act(G) * U
+    g_ptr,  # (M, N) out: G = x Wg^T (STORE_GU), same strides as out
+    u_ptr,  # (M, N) out: U = x Wu^T (STORE_GU), same strides as out
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wgn,
+    stride_wgk,
+    stride_wun,
+    stride_wuk,
+    stride_om,
+    stride_on,
+    M_BUCKET,  # autotune key only
+    ACTIVATION: tl.constexpr,
+    STORE_GU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_ld = (rm % M).to(tl.int64)
+    rn_ld = (rn % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :] * stride_xk
+    wg_ptrs = wg_ptr + rn_ld[None, :] * stride_wgn + rk[:, None] * stride_wgk
+    wu_ptrs = wu_ptr + rn_ld[None, :] * stride_wun + rk[:, None] * stride_wuk
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # one x tile feeds both products: x is read once for G and U
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            bg = tl.load(wg_ptrs)
+            bu = tl.load(wu_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            bg = tl.load(wg_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            bu = tl.load(wu_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=INPUT_PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wgk
+        wu_ptrs += BLOCK_K * stride_wuk
+
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out_offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    if STORE_GU:
+        tl.store(g_ptr + out_offs, acc_g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_ptr + out_offs, acc_u.to(u_ptr.dtype.element_ty), mask=mask)
+    out = activation_fwd(acc_g, ACTIVATION) * acc_u
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_fwd_kernel(
+    a_ptr,  # (n,) contiguous: Z (or G when GATED)
+    b_ptr,  # (n,) contiguous: U (GATED)
+    out_ptr,  # (n,) contiguous: act(Z), or act(G) * U
+    n,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Epilogue as its own pass: the cuBLAS-forward alternative (FORWARD_IMPL="cublas").
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    z = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = activation_fwd(z, ACTIVATION)
+    if GATED:
+        y = y * tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_act_bwd_kernel(
+    dy_ptr,  # (M, N) upstream gradient, any strides (stride 0 included)
+    s_ptr,  # (M, N) saved: Z (pre-activation) or Y (GRAD_FROM_OUT); row stride stride_sm, unit col
+    dz_ptr,  # (M, N) out: dZ = dY * act'(Z); may be s_ptr itself (in place), same strides as s
+    dbp_ptr,  # (cdiv(M, BLOCK_M), N) fp32 out: per-row-block column sums of dZ (HAS_BIAS)
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_sm,
+    ACTIVATION: tl.constexpr,
+    GRAD_FROM_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    rm64 = rm.to(tl.int64)
+    dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=mask, other=0.0)
+    s_offs = rm64[:, None] * stride_sm + rn[None, :]
+    s = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+    if GRAD_FROM_OUT:
+        dz = dy.to(tl.float32) * activation_grad_from_output(s, ACTIVATION)
+    else:
+        dz = dy.to(tl.float32) * activation_grad(s, ACTIVATION)
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(dz_ptr + s_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        # db = sum over rows of dZ: fp32 partial sums per row block, finished by a tiny sum
+        tl.store(dbp_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=rn < N)
+
+
+@triton.jit
+def _gated_linear_bwd_kernel(
+    dy_ptr,  # (M, N) upstream gradient, any strides (stride 0 included)
+    g_ptr,  # (M, N) saved G, row stride stride_sm, unit col; dG written here (in place)
+    u_ptr,  # (M, N) saved U, same strides as G; dU written here (in place)
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_sm,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # out = act(G) * U   =>   dG = dY * U * act'(G),   dU = dY * act(G)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    rm64 = rm.to(tl.int64)
+    dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    offs = rm64[:, None] * stride_sm + rn[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dg = dy * u * activation_grad(g, ACTIVATION)
+    du = dy * activation_fwd(g, ACTIVATION)
+    tl.store(g_ptr + offs, dg.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + offs, du.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Launchers (no autograd): 2-D x (M, K) with any strides, weights (N, K)
+# ---------------------------------------------------------------------------------------------
+
+_EW_BLOCK_M, _EW_BLOCK_N, _EW_WARPS = 32, 256, 8  # element-wise backward tiles: 8192 elements
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul setting: TF32 tensor cores if allowed, else exact fp32 ("ieee").
+    # For fp16/bf16 inputs the setting has no effect; "tf32" is Triton's default, i.e. the plain
+    # tensor-core path every Triton matmul takes.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (rows, C) keeping strides (a view) where possible; kernels take both strides.
+
+    A stride-0 (expanded) or row-padded tensor stays a view. Only when the leading dims cannot be
+    merged into one stride (e.g. a permuted 3-D view) does this copy.
+    """
+    c = t.shape[-1]
+    try:
+        return t.view(-1, c)
+    except RuntimeError:
+        return t.reshape(-1, c)  # explicit copy: no single row stride exists
+
+
+def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
+    """(y, pre) for 2-D x; pre is None unless store_pre. y and pre are contiguous (M, N)."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+        if FORWARD_IMPL == "cublas":
+            z = F.linear(x2, weight, bias)  # cuBLAS writes Z; a second pass applies act
+            _launch_act_fwd(z, None, y, activation)
+            return y, (z if store_pre else None)
+        pre = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if store_pre else None
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _linear_act_fwd_kernel[grid](
+            x2, weight, bias if bias is not None else y, y, pre if store_pre else y, y,
+            M, N, K,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), 0, 0,
+            _m_bucket(M),
+            ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=store_pre, GRAD_OUT=False,
+            INPUT_PRECISION=_input_precision(x2.dtype),
+        )  # fmt: skip
+    return y, pre
+
+
+def _launch_act_fwd(a, b, out, activation):
+    n = out.numel()
+    BLOCK = 4096
+    _act_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+        a, b if b is not None else a, out, n, ACTIVATION=activation, GATED=b is not None, BLOCK=BLOCK, num_warps=8
+    )
+
+
+def linear_act_recompute_dz(dy2, x2, weight, bias, activation: str):
+    """dZ = dY * act'(x W^T + b) with Z recomputed by the forward GEMM (the SAVE_PRE=False path)."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    dz = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _linear_act_fwd_kernel[grid](
+        x2, weight, bias if bias is not None else dz, dz, dz, dy2,
+        M, N, K,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), dz.stride(1),
+        dy2.stride(0), dy2.stride(1),
+        _m_bucket(M),
+        ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=False, GRAD_OUT=True,
+        INPUT_PRECISION=_input_precision(x2.dtype),
+    )  # fmt: skip
+    return dz
+
+
+def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx (M, K) | None, dw (N, K) | None, db (N,) | None) for 2-D inputs.
+
+    saved2: Z (dZ is then written over it, in place), or Y for GRAD_FROM_OUTPUT activations,
+    or None to recompute Z (SAVE_PRE=False ablation).
+    """
+    M, K = x2.shape
+    N = weight.shape[0]
+    db = None
+    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+        if activation == "none":
+            dz = dy2  # identity: dZ = dY, no pass over memory at all
+            if need_db:
+                db = dy2.sum(0, dtype=torch.float32).to(dy2.dtype)
+        elif saved2 is None:
+            dz = linear_act_recompute_dz(dy2, x2, weight, bias, activation)
+            if need_db:
+                db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        else:
+            from_out = GRAD_FROM_OUTPUT[activation]
+            # Z is ours alone: overwrite it with dZ. Y belongs to the caller: new buffer.
+            dz = torch.empty_like(saved2) if from_out else saved2
+            n_mb = triton.cdiv(M, _EW_BLOCK_M)
+            dbp = torch.empty((n_mb, N), device=x2.device, dtype=torch.float32) if need_db else dz
+            _linear_act_bwd_kernel[(n_mb, triton.cdiv(N, _EW_BLOCK_N))](
+                dy2, saved2, dz, dbp, M, N, dy2.stride(0), dy2.stride(1), saved2.stride(0),
+                ACTIVATION=activation, GRAD_FROM_OUT=from_out, HAS_BIAS=need_db,
+                BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
+            )  # fmt: skip
+            if need_db:
+                db = dbp.sum(0).to(x2.dtype)
+        # dX and dW on cuBLAS (at the matmul ceiling; a Triton GEMM here would only tie it)
+        dx = torch.mm(dz, weight) if need_dx else None
+        dw = torch.mm(dz.t(), x2) if need_dw else None
+    return dx, dw, db
+
+
+def gated_linear_forward(x2, w_gate, w_up, activation: str, store_gu: bool = True):
+    """(out, g, u) for 2-D x, all (M, N) contiguous; g, u are None unless store_gu."""
+    M, K = x2.shape
+    N = w_gate.shape[0]
+    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+        if FORWARD_IMPL == "cublas":
+            g = F.linear(x2, w_gate)
+            u = F.linear(x2, w_up)
+            out = torch.empty_like(g)
+            _launch_act_fwd(g, u, out, activation)
+            return out, (g if store_gu else None), (u if store_gu else None)
+        out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+        g = torch.empty_like(out) if store_gu else None
+        u = torch.empty_like(out) if store_gu else None
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _gated_linear_fwd_kernel[grid](
+            x2, w_gate, w_up, out, g if store_gu else out, u if store_gu else out,
+            M, N, K,
+            x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
+            out.stride(0), out.stride(1),
+            _m_bucket(M),
+            ACTIVATION=activation, STORE_GU=store_gu, INPUT_PRECISION=_input_precision(x2.dtype),
+        )  # fmt: skip
+    return out, g, u
+
+
+def gated_linear_backward(dy2, x2, w_gate, w_up, g2, u2, activation: str, need_dx: bool, need_dw: bool):
+    """(dx | None, dwg | None, dwu | None). Writes dG over g2 and dU over u2 (in place)."""
+    M, K = x2.shape
+    N = w_gate.shape[0]
+    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+        _gated_linear_bwd_kernel[(triton.cdiv(M, _EW_BLOCK_M), triton.cdiv(N, _EW_BLOCK_N))](
+            dy2, g2, u2, M, N, dy2.stride(0), dy2.stride(1), g2.stride(0),
+            ACTIVATION=activation, BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
+        )  # fmt: skip
+        dg, du = g2, u2
+        dx = None
+        if need_dx:
+            dx = torch.mm(dg, w_gate)
+            dx.addmm_(du, w_up)  # dX += dU @ Wu, accumulated by cuBLAS (beta=1), no temporary
+        dwg = torch.mm(dg.t(), x2) if need_dw else None
+        dwu = torch.mm(du.t(), x2) if need_dw else None
+    return dx, dwg, dwu
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Custom ops (opaque to Dynamo/AOTAutograd/Inductor) with register_fake and register_autograd
+# ---------------------------------------------------------------------------------------------
+
+_EMPTY = (0,)
+
+
+def _linear_act_fwd_impl(x, weight, bias, activation: str, save_pre: bool):
+    """(y, pre): pre is the saved pre-activation, or an empty tensor when nothing is saved."""
+    N = weight.shape[0]
+    out_shape = (*x.shape[:-1], N)
+    store_pre = save_pre and not GRAD_FROM_OUTPUT[activation]
+    if use_triton(x):
+        y, pre = linear_act_forward(_as_2d(x), weight, bias, activation, store_pre)
+        return y.view(out_shape), (pre.view(out_shape) if store_pre else x.new_empty(_EMPTY))
+    pre = F.linear(x, weight, bias)
+    y = ACTIVATIONS[activation].torch_fn(pre)
+    if y is pre:  # "none": outputs may not alias each other
+        y = pre.clone()
+    return y, (pre if store_pre else x.new_empty(_EMPTY))
+
+
+@torch.library.custom_op("tritonize::linear_act_fwd", mutates_args=())
+def _linear_act_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str, save_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _linear_act_fwd_impl(x, weight, bias, activation, save_pre)
+
+
+@_linear_act_fwd_op.register_fake
+def _(x, weight, bias, activation, save_pre):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    store_pre = save_pre and not GRAD_FROM_OUTPUT[activation]
+    return x.new_empty(out_shape), (x.new_empty(out_shape) if store_pre else x.new_empty(_EMPTY))
+
+
+def _linear_act_bwd_impl(dy, x, weight, bias, pre, out, activation: str, need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx, dw, db), each empty when not needed. `pre` (saved Z, or empty) is overwritten with dZ;
+    `out` is Y for GRAD_FROM_OUTPUT activations (else empty)."""
+    N, K = weight.shape
+    from_out = GRAD_FROM_OUTPUT[activation]
+    if use_triton(x):
+        x2, dy2 = _as_2d(x), _as_2d(dy)
+        if activation == "none":
+            saved2 = None
+        elif from_out:
+            saved2 = _as_2d(out)
+        else:
+            saved2 = _as_2d(pre) if pre.numel() > 0 else None  # empty: recompute (SAVE_PRE=False)
+        dx, dw, db = linear_act_backward(dy2, x2, weight, bias, saved2, activation, need_dx, need_dw, need_db)
+        dx = dx.view(x.shape) if dx is not None else x.new_empty(_EMPTY)
+    else:
+        # reference path: same math in plain torch (fp32 for the element-wise step)
+        act = ACTIVATIONS[activation]
+        if from_out:
+            d = act.torch_grad_out(out.float()) if out.numel() > 0 else torch.ones((), device=dy.device)
+        else:
+            z = pre if pre.numel() > 0 else F.linear(x, weight, bias)
+            d = act.torch_grad(z.float())
+        dz = (dy.float() * d).to(x.dtype)
+        dz2, x2 = dz.reshape(-1, N), x.reshape(-1, K)
+        dx = (dz2 @ weight).view(x.shape) if need_dx else x.new_empty(_EMPTY)
+        dw = dz2.t() @ x2 if need_dw else None
+        db = dz2.float().sum(0).to(x.dtype) if need_db else None
+    return dx, (dw if dw is not None else x.new_empty(_EMPTY)), (db if db is not None else x.new_empty(_EMPTY))
+
+
+@torch.library.custom_op("tritonize::linear_act_bwd", mutates_args=("pre",))
+def _linear_act_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    pre: torch.Tensor,
+    out: torch.Tensor,
+    activation: str,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_act_bwd_impl(dy, x, weight, bias, pre, out, activation, need_dx, need_dw, need_db)
+
+
+@_linear_act_bwd_op.register_fake
+def _(dy, x, weight, bias, pre, out, activation, need_dx, need_dw, need_db):
+    e = x.new_empty(_EMPTY)
+    return (
+        x.new_empty(x.shape) if need_dx else e,
+        weight.new_empty(weight.shape) if need_dw else x.new_empty(_EMPTY),
+        weight.new_empty((weight.shape[0],)) if need_db else x.new_empty(_EMPTY),
+    )
+
+
+def _linear_act_save(ctx, x, weight, bias, activation, y, pre):
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    # GRAD_FROM_OUTPUT: keep Y (the caller holds it anyway); "none" needs neither
+    out = y if GRAD_FROM_OUTPUT[activation] and activation != "none" else None
+    ctx.save_for_backward(x, weight, bias, pre, out)
+
+
+def _linear_act_grads(ctx, dy, bwd):
+    x, weight, bias, pre, out = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    if out is None:
+        out = x.new_empty(_EMPTY)
+    dx, dw, db = bwd(dy, x, weight, bias, pre, out, ctx.activation, need_dx, need_dw, need_db)
+    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None
+
+
+def _linear_act_setup(ctx, inputs, output):
+    x, weight, bias, activation, _ = inputs
+    _linear_act_save(ctx, x, weight, bias, activation, output[0], output[1])
+
+
+def _linear_act_backward(ctx, dy, dpre):
+    return _linear_act_grads(ctx, dy, torch.ops.tritonize.linear_act_bwd)
+
+
+_linear_act_fwd_op.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
+
+
+class _LinearActFn(torch.autograd.Function):
+    """Eager fast path: the same impls and backward without the custom-op dispatch layers
+    (which cost several times the Python time of a plain autograd.Function per fwd+bwd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, save_pre):
+        y, pre = _linear_act_fwd_impl(x, weight, bias, activation, save_pre)
+        _linear_act_save(ctx, x, weight, bias, activation, y, pre)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _linear_act_grads(ctx, dy, _linear_act_bwd_impl)
+        # dZ was written over the saved Z: bump its version as the custom op's declared mutation
+        # does, so a second backward through this graph (retain_graph) errors instead of reusing dZ.
+        torch.autograd.graph.increment_version(ctx.saved_tensors[3])
+        return grads
+
+
+def _gated_linear_fwd_impl(x, w_gate, w_up, activation: str, save: bool):
+    """(out, g, u): out = act(g) * u, with g = x Wg^T and u = x Wu^T saved for backward
+    (empty tensors when `save` is False: inference)."""
+    out_shape = (*x.shape[:-1], w_gate.shape[0])
+    if use_triton(x):
+        out, g, u = gated_linear_forward(_as_2d(x), w_gate, w_up, activation, store_gu=save)
+        if not save:
+            return out.view(out_shape), x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+        return out.view(out_shape), g.view(out_shape), u.view(out_shape)
+    g = F.linear(x, w_gate)
+    u = F.linear(x, w_up)
+    out = (ACTIVATIONS[activation].torch_fn(g.float()) * u.float()).to(x.dtype)
+    if not save:
+        return out, x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+    return out, g, u
+
+
+@torch.library.custom_op("tritonize::gated_linear_fwd", mutates_args=())
+def _gated_linear_fwd_op(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str, save: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_linear_fwd_impl(x, w_gate, w_up, activation, save)
+
+
+@_gated_linear_fwd_op.register_fake
+def _(x, w_gate, w_up, activation, save):
+    out_shape = (*x.shape[:-1], w_gate.shape[0])
+    gu_shape = out_shape if save else _EMPTY
+    return x.new_empty(out_shape), x.new_empty(gu_shape), x.new_empty(gu_shape)
+
+
+def _gated_linear_bwd_impl(dy, x, w_gate, w_up, g, u, activation: str, need_dx: bool, need_dw: bool):
+    """(dx, dw_gate, dw_up), each empty when not needed; g and u are overwritten with dG and dU."""
+    N, K = w_gate.shape
+    if use_triton(x):
+        dx, dwg, dwu = gated_linear_backward(
+            _as_2d(dy), _as_2d(x), w_gate, w_up, _as_2d(g), _as_2d(u), activation, need_dx, need_dw
+        )
+        dx = dx.view(x.shape) if dx is not None else None
+    else:
+        act = ACTIVATIONS[activation]
+        gf, uf, dyf = g.float(), u.float(), dy.float()
+        dg = (dyf * uf * act.torch_grad(gf)).to(x.dtype).reshape(-1, N)
+        du = (dyf * act.torch_fn(gf)).to(x.dtype).reshape(-1, N)
+        x2 = x.reshape(-1, K)
+        dx = (dg @ w_gate + du @ w_up).view(x.shape) if need_dx else None
+        dwg = dg.t() @ x2 if need_dw else None
+        dwu = du.t() @ x2 if need_dw else None
+    e = lambda t: t if t is not None else x.new_empty(_EMPTY)  # noqa: E731
+    return e(dx), e(dwg), e(dwu)
+
+
+@torch.library.custom_op("tritonize::gated_linear_bwd", mutates_args=("g", "u"))
+def _gated_linear_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    activation: str,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_linear_bwd_impl(dy, x, w_gate, w_up, g, u, activation, need_dx, need_dw)
+
+
+@_gated_linear_bwd_op.register_fake
+def _(dy, x, w_gate, w_up, g, u, activation, need_dx, need_dw):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(_EMPTY),
+        w_gate.new_empty(w_gate.shape) if need_dw else x.new_empty(_EMPTY),
+        w_up.new_empty(w_up.shape) if need_dw else x.new_empty(_EMPTY),
+    )
+
+
+def _gated_linear_save(ctx, x, w_gate, w_up, activation, g, u):
+    ctx.activation = activation
+    ctx.save_for_backward(x, w_gate, w_up, g, u)
+
+
+def _gated_linear_grads(ctx, dy, bwd):
+    x, w_gate, w_up, g, u = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx, dwg, dwu = bwd(dy, x, w_gate, w_up, g, u, ctx.activation, need_dx, need_dw)
+    return (
+        dx if need_dx else None,
+        dwg if ctx.needs_input_grad[1] else None,
+        dwu if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
+def _gated_linear_setup(ctx, inputs, output):
+    x, w_gate, w_up, activation, _ = inputs
+    _gated_linear_save(ctx, x, w_gate, w_up, activation, output[1], output[2])
+
+
+def _gated_linear_backward(ctx, dy, dg_unused, du_unused):
+    return _gated_linear_grads(ctx, dy, torch.ops.tritonize.gated_linear_bwd)
+
+
+_gated_linear_fwd_op.register_autograd(_gated_linear_backward, setup_context=_gated_linear_setup)
+
+
+class _GatedLinearFn(torch.autograd.Function):
+    """Eager fast path (see _LinearActFn)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, activation, save):
+        out, g, u = _gated_linear_fwd_impl(x, w_gate, w_up, activation, save)
+        _gated_linear_save(ctx, x, w_gate, w_up, activation, g, u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _gated_linear_grads(ctx, dy, _gated_linear_bwd_impl)
+        _, _, _, g, u = ctx.saved_tensors
+        torch.autograd.graph.increment_version(g)  # dG, dU were written over G, U
+        torch.autograd.graph.increment_version(u)
+        return grads
+
+
+def _eager_fast_path(x: torch.Tensor) -> bool:
+    """Plain eager call on a real tensor where the Triton kernel runs: skip the custom-op layers.
+
+    Under torch.compile / export (Dynamo sees is_compiling() as True), fake tensors, tensor
+    subclasses and functorch transforms, the registered custom ops are used, so graphs still see
+    one opaque op with a fake implementation.
+    """
+    return (
+        type(x) is torch.Tensor
+        and use_triton(x)
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. References (plain torch; `upcast` computes in fp32)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_act_reference(x, weight, bias=None, activation="gelu", upcast: bool = False):
+    if upcast:
+        x, weight = x.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    return ACTIVATIONS[activation].torch_fn(F.linear(x, weight, bias))
+
+
+def gated_linear_reference(x, w_gate, w_up, activation="silu", upcast: bool = False):
+    if upcast:
+        x, w_gate, w_up = x.float(), w_gate.float(), w_up.float()
+    return ACTIVATIONS[activation].torch_fn(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_linear(op: str, x, weights: dict, bias=None):
+    check_tensor(op, "x", x)
+    for name, w in weights.items():
+        check_tensor(op, name, w)
+    check_tensor(op, "bias", bias, optional=True)
+    for name, t in [*weights.items(), ("bias", bias)]:
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"tritonize.{op}: argument '{name}' has dtype {t.dtype} but x has {x.dtype}; they must match")
+    check_same_device(op, x=x, **weights, bias=bias)
+    check_arg(op, "x", x.dim() >= 1, f"must have at least 1 dimension (..., K), got shape {tuple(x.shape)}")
+    first = None
+    for name, w in weights.items():
+        check_arg(op, name, w.dim() == 2, f"must be 2-D (N, K) as nn.Linear stores it, got shape {tuple(w.shape)}")
+        check_arg(
+            op, name, w.shape[1] == x.shape[-1],
+            f"has shape {tuple(w.shape)}: its K={w.shape[1]} does not match x's last dim {x.shape[-1]} (x is {tuple(x.shape)})",
+        )  # fmt: skip
+        if first is not None:
+            check_arg(op, name, w.shape == first[1].shape, f"has shape {tuple(w.shape)} but {first[0]} has {tuple(first[1].shape)}")
+        first = first or (name, w)
+    if bias is not None:
+        n = first[1].shape[0]
+        check_arg(op, "bias", bias.dim() == 1 and bias.shape[0] == n, f"must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu"):
+    """act(x @ weight^T + bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
+    check_activation("linear_act", activation)
+    _check_linear("linear_act", x, {"weight": weight}, bias)
+    if x.numel() == 0 or weight.numel() == 0:
+        return linear_act_reference(x, weight, bias, activation)  # nothing to launch
+    # Inference (no grad needed): the epilogue skips storing Z, one M*N write less.
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if _eager_fast_path(x):
+        return _LinearActFn.apply(x, weight, bias, activation, SAVE_PRE and needs_grad)
+    y, _ = torch.ops.tritonize.linear_act_fwd(x, weight, bias, activation, SAVE_PRE and needs_grad)
+    return y
+
+
+def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu"):
+    """act(x @ w_gate^T) * (x @ w_up^T): SwiGLU (silu), GeGLU (gelu / gelu_tanh). -> (..., N)."""
+    check_activation("gated_linear", activation)
+    _check_linear("gated_linear", x, {"w_gate": w_gate, "w_up": w_up})
+    if x.numel() == 0 or w_gate.numel() == 0:
+        return gated_linear_reference(x, w_gate, w_up, activation)  # nothing to launch
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad)
+    if _eager_fast_path(x):
+        return _GatedLinearFn.apply(x, w_gate, w_up, activation, needs_grad)
+    out, _, _ = torch.ops.tritonize.gated_linear_fwd(x, w_gate, w_up, activation, needs_grad)
+    return out
+
+
+__all__ = [
+    "linear_act",
+    "gated_linear",
+    "linear_act_forward",
+    "linear_act_backward",
+    "gated_linear_forward",
+    "gated_linear_backward",
+    "linear_act_reference",
+    "gated_linear_reference",
+]

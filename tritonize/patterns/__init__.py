@@ -1,1 +1,234 @@
-"""Pattern families: one file per family (search functions + replacement + guard)."""
+"""Pattern families: one file per family, each pattern declared once.
+
+A pattern is
+  - search functions: plain torch code in the fuser's canonical spelling (see
+    tritonize/fuser/normalize.py), generated over the spellings a family has (scale by mul or div,
+    mask by add/masked_fill/where, fp32 upcast or not, dropout or not, ...). `searches()` yields
+    (variant label, flags, function). Each is traced with `torch.fx.symbolic_trace`; its arguments
+    become wildcards that bind graph nodes OR literals (a scale of 0.125, an eps of 1e-5), which
+    the guard then reads;
+  - a guard: reads the fake tensors (`m.val(name)`: dtype, device, shape, strides) and the bound
+    literals; returns None to accept or a reason string to decline (recorded in the report);
+  - a replacement: builds the call of a `tritonize.kernels` function in the graph; returns one
+    value per value the search function returns.
+
+Registry: `register(PatternClass)` at import of the family module; `all_patterns()` imports every
+family and returns instances ordered by priority (larger, more specific patterns first, so e.g.
+add+layer_norm is tried before layer_norm, gated MLP before linear->act).
+
+Dependencies point one way: a pattern knows nothing of Dynamo; the fuser knows no kernel by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+FAMILIES = ("attention", "norm", "linear_act", "cross_entropy", "dropout")
+
+_REGISTRY: dict[str, "Pattern"] = {}
+
+
+def register(cls):
+    inst = cls()
+    _REGISTRY[inst.name] = inst
+    return cls
+
+
+def all_patterns() -> list["Pattern"]:
+    for fam in FAMILIES:
+        importlib.import_module(f"{__name__}.{fam}")
+    return sorted(_REGISTRY.values(), key=lambda p: -p.priority)
+
+
+def get(name: str) -> "Pattern":
+    all_patterns()
+    return _REGISTRY[name]
+
+
+def kernel_fn(module: str, name: str):
+    """The public kernel function; raises ImportError/AttributeError with the reason."""
+    mod = importlib.import_module(f"tritonize.kernels.{module}")
+    return getattr(mod, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for guards: fake-tensor metadata, possibly symbolic
+# ---------------------------------------------------------------------------------------------
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def static_int(s):
+    """An int for a static size, None for a symbolic one (never adds a guard)."""
+    if isinstance(s, bool):
+        return None
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        try:
+            node = s.node
+            if node.is_constant() if hasattr(node, "is_constant") else False:
+                return int(node.constant) if hasattr(node, "constant") else None
+            v = node.maybe_as_int() if hasattr(node, "maybe_as_int") else None
+            return v
+        except Exception:
+            return None
+    return None
+
+
+def dim_eq(a, b) -> bool:
+    """Two sizes provably equal without adding a guard (ints, or SymInts with the same expression)."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        try:
+            return a.node.expr == b.node.expr
+        except Exception:
+            return False
+    sa, sb = static_int(a), static_int(b)
+    return sa is not None and sa == sb
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(dim_eq(x, y) for x, y in zip(a, b))
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def tensor_problem(name: str, t, dtypes=FLOATS, device=None) -> str | None:
+    """A reason string when `t` is not a tensor of a supported dtype/device, else None."""
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is not a tensor with known metadata"
+    if dtypes is not None and t.dtype not in dtypes:
+        return f"unsupported dtype {str(t.dtype).replace('torch.', '')} for {name}"
+    if t.device.type not in ("cuda", "cpu"):
+        return f"unsupported device {t.device.type} for {name}"
+    if device is not None and t.device != device:
+        return f"{name} is on {t.device}, not {device}"
+    return None
+
+
+def first_problem(*reasons) -> str | None:
+    for r in reasons:
+        if r:
+            return r
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern and Match
+# ---------------------------------------------------------------------------------------------
+
+
+class Match:
+    """One occurrence of a search function in a graph."""
+
+    def __init__(self, pattern, variant: str, flags: dict, bind: dict, nodes: list, returning: list, graph):
+        self.pattern = pattern
+        self.variant = variant
+        self.flags = flags
+        self.bind = bind  # search-function argument name -> graph Node or literal
+        self.nodes = nodes  # matched graph nodes (the pattern's operations)
+        self.returning = returning  # graph nodes standing for the search function's return values
+        self.graph = graph
+        self.site = ""
+
+    def __getitem__(self, name):
+        return self.bind[name]
+
+    def get(self, name, default=None):
+        return self.bind.get(name, default)
+
+    def val(self, name_or_node):
+        from tritonize.fuser.normalize import val
+
+        x = self.bind.get(name_or_node, None) if isinstance(name_or_node, str) else name_or_node
+        return val(x)
+
+    def out_val(self, i: int = 0):
+        from tritonize.fuser.normalize import val
+
+        return val(self.returning[i])
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        """Add `fn(*args, **kwargs)` at the insertion point (the fuser sets it)."""
+        return self.graph.call_function(fn, tuple(args), kwargs)
+
+    def method(self, name, *args, **kwargs) -> fx.Node:
+        return self.graph.call_method(name, tuple(args), kwargs)
+
+    def getitem(self, x, i) -> fx.Node:
+        return self.graph.call_function(operator.getitem, (x, i))
+
+
+class Pattern:
+    name: str = ""
+    family: str = ""
+    priority: int = 0
+    kernel: tuple[str, str] = ("", "")  # (module under tritonize.kernels, function name)
+
+    def searches(self) -> Iterable[tuple[str, dict, Callable]]:
+        raise NotImplementedError
+
+    def guard(self, m: Match) -> str | None:
+        return None
+
+    def replace(self, m: Match, fn) -> list:
+        raise NotImplementedError
+
+    # -- compiled search graphs, cached ----------------------------------------------------
+    _compiled = None
+
+    def compiled(self) -> list[tuple[str, dict, fx.Graph]]:
+        if self._compiled is None:
+            out, seen = [], set()
+            for label, flags, f in self.searches():
+                g = trace_search(f)
+                key = str(g)
+                if key in seen:
+                    continue  # two flag combinations that spell the same graph
+                seen.add(key)
+                out.append((label, flags, g))
+            # larger graphs first: a spelling with dropout must win over the one without
+            out.sort(key=lambda t: -len(t[2].nodes))
+            self._compiled = out
+        return self._compiled
+
+    def kernel_function(self):
+        return kernel_fn(*self.kernel)
+
+
+def trace_search(f: Callable) -> fx.Graph:
+    """Trace a search function to a canonical FX graph (unused arguments dropped)."""
+    from tritonize.fuser.normalize import normalize
+
+    from tritonize.fuser.normalize import quick_gelu
+
+    tracer = fx.Tracer(autowrap_functions=(quick_gelu,))
+    g0 = tracer.trace(f)
+    gm = fx.GraphModule(tracer.root, g0)
+    normalize(gm, has_meta=False)
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "placeholder" and not n.users:
+            g.erase_node(n)
+    g.eliminate_dead_code()
+    return g
+
+
+def search_args(f: Callable) -> list[str]:
+    return list(inspect.signature(f).parameters)
+
+
+__all__ = [
+    "Pattern", "Match", "register", "dim_eq", "same_shape", "all_patterns", "get", "kernel_fn", "static_int", "is_number",
+    "tensor_problem", "first_problem", "FLOATS", "FAMILIES",
+]
+
+_ = Any

@@ -1,0 +1,129 @@
+"""tritonize()/untritonize()/report(), the registered backend, strict mode, dynamic shapes, the
+fx path and TRITONIZE_LOG."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.fuser.common import DEVICE
+from tritonize import tritonize, untritonize
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8)).to(DEVICE)
+
+
+def test_backend_name_from_a_clean_interpreter():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU())\n"
+        "x = torch.randn(3, 4)\n"
+        "assert 'tritonize' not in sys.modules\n"
+        "y = torch.compile(m, backend='tritonize', options={'rest': 'eager'})(x)\n"
+        "torch.testing.assert_close(y, m(x))\n"
+        "from tritonize.fuser.backend import GLOBAL_REPORT\n"
+        "print('FUSED', GLOBAL_REPORT.count('linear_act'))\n"
+    )
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FUSED 1" in res.stdout
+
+
+def test_same_object_state_dict_modes_and_untritonize():
+    m = _mlp()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 8, device=DEVICE)
+    ref = m(x)
+    assert tritonize(m) is m
+    assert tritonize(m) is m  # twice: a no-op
+    compiled = m._compiled_call_impl
+    tritonize(m, rest="inductor")
+    assert m._compiled_call_impl is compiled
+    assert m.state_dict().keys() == sd.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    torch.testing.assert_close(m(x), ref)
+    rep = tritonize.report(m)
+    assert rep.count("linear_act") == 1 and rep.count("layer_norm") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref)
+    d = rep.to_dict()
+    assert d["patterns"]["linear_act"]["fused"] and "linear_act" in str(rep)
+    captures = rep.captures
+    assert untritonize(m) is m and m._compiled_call_impl is None
+    torch.testing.assert_close(m(x), ref)
+    assert rep.captures == captures  # no capture after untritonize
+
+
+def test_varying_sequence_lengths_do_not_recapture_per_length():
+    m = tritonize(_mlp())
+    for t in (3, 5, 7, 9, 11):
+        x = torch.randn(2, t, 8, device=DEVICE)
+        m(x)
+    rep = tritonize.report(m)
+    assert rep.captures <= 2, rep.captures  # automatic dynamic: static, then one symbolic capture
+    assert rep.count("linear_act") == rep.captures  # the symbolic graph fused too
+
+
+class Uncapturable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    @torch.compiler.disable
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+def test_uncapturable_model_warns_and_runs_or_raises_when_strict():
+    x = torch.randn(2, 4, device=DEVICE)
+    m = Uncapturable().to(DEVICE)
+    ref = m(x)
+    tritonize(m)
+    with pytest.warns(UserWarning, match="runs unmodified"):
+        out = m(x)
+    torch.testing.assert_close(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only
+        torch.testing.assert_close(m(x), ref)
+    assert tritonize.report(m).fallback
+    s = tritonize(Uncapturable().to(DEVICE), strict=True)
+    with pytest.raises(RuntimeError, match="strict"):
+        s(x)
+
+
+def test_patterns_and_exclude_options():
+    m = tritonize(_mlp(), exclude=("norm",))
+    m(torch.randn(2, 8, device=DEVICE))
+    rep = tritonize.report(m)
+    assert rep.count("linear_act") == 1 and rep.count("layer_norm") == 0
+    m = tritonize(_mlp(), patterns=["layer_norm"])
+    m(torch.randn(2, 8, device=DEVICE))
+    rep = tritonize.report(m)
+    assert rep.count("linear_act") == 0 and rep.count("layer_norm") == 1
+    with pytest.raises(ValueError, match="unknown pattern"):
+        tritonize(_mlp(), patterns=["nope"])
+
+
+def test_debug_log_prints_graphs(monkeypatch, capfd):
+    monkeypatch.setenv("TRITONIZE_LOG", "debug")
+    m = tritonize(_mlp())
+    m(torch.randn(2, 8, device=DEVICE))
+    err = capfd.readouterr().err
+    assert "before" in err and "after" in err and "tritonize_kernels" in err
+
+
+def test_symbolic_trace_path():
+    from tritonize.fuser.api import tritonize_fx
+
+    m = _mlp()
+    x = torch.randn(3, 8, device=DEVICE)
+    gm = tritonize_fx(m, x)
+    torch.testing.assert_close(gm(x), m(x))
+    assert tritonize.report(gm).count("linear_act") == 1 and tritonize.report(gm).count("layer_norm") == 1

@@ -1,0 +1,108 @@
+"""Attention: every generated spelling family (scale mul/div/q, mask add/masked_fill/where, fp32
+upcast, dropout, GQA repeat_kv), F.scaled_dot_product_attention, and the negatives."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.fuser.common import check_parity
+
+B, H, HKV, T, D = 2, 4, 2, 8, 16
+
+
+def repeat_kv(x, n_rep):  # transformers' repeat_kv
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+class Spellings(nn.Module):
+    def forward(self, q, k, v, kv_small, add_mask, bool_mask):
+        outs = []
+        s = torch.matmul(q, k.transpose(-1, -2)) * (1 / math.sqrt(D))  # mul + additive mask (GPT-2/BERT)
+        outs.append(torch.matmul(F.softmax(s + add_mask, dim=-1), v))
+        s = q @ k.transpose(2, 3) / math.sqrt(D)  # div, no mask, method softmax
+        outs.append(s.softmax(-1) @ v)
+        s = torch.matmul(q * 0.25, k.transpose(-2, -1))  # scaled q, masked_fill(-inf)
+        outs.append(torch.matmul(torch.softmax(s.masked_fill(~bool_mask, float("-inf")), -1), v))
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25  # where(finfo.min), fp32 upcast (Llama eager)
+        s = torch.where(bool_mask, s, torch.finfo(torch.float32).min)
+        outs.append(torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v))
+        kr, vr = repeat_kv(kv_small, H // HKV), repeat_kv(kv_small * 2, H // HKV)  # GQA
+        s = torch.matmul(q, kr.transpose(2, 3)) * 0.25 + add_mask
+        outs.append(torch.matmul(F.softmax(s, dim=-1), vr))
+        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # SDPA forms
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=0.3))
+        outs.append(F.scaled_dot_product_attention(q, kv_small, kv_small, attn_mask=add_mask, enable_gqa=True))
+        return torch.stack(outs)
+
+
+def _inputs():
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    kv_small = torch.randn(B, HKV, T, D)
+    bool_mask = torch.rand(B, 1, T, T) > 0.3
+    bool_mask[..., 0] = True  # no fully masked row (eager gives NaN there)
+    add_mask = torch.where(bool_mask, 0.0, torch.finfo(torch.float32).min)
+    return [q, k, v, kv_small, add_mask, bool_mask]
+
+
+def test_attention_spellings():
+    rep = check_parity(Spellings(), _inputs(), {"attention": 5, "sdpa": 3}, atol=2e-4, rtol=2e-4,
+                       no_grad_inputs=(4,))
+    assert rep.skipped("attention") == [] and rep.skipped("sdpa") == []
+
+
+class WithDropout(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1)
+        return F.dropout(w, self.p, self.training) @ v
+
+
+def test_attention_dropout_goes_into_the_kernel():
+    from tritonize import tritonize
+
+    m = tritonize(WithDropout(0.3).train())
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    out = m(q, k, v)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    rep = tritonize.report(m)
+    assert rep.count("attention") == 1 and rep.count("dropout") == 0, str(rep)
+    # eval: the dropout is an identity, removed before matching; exact parity
+    check_parity(WithDropout(0.3).eval(), [q.detach(), k.detach(), v.detach()], {"attention": 1})
+
+
+class ReturnsWeights(nn.Module):
+    def forward(self, q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1)
+        return w @ v, w  # the attention weights escape: not rewritten
+
+
+def test_returned_attention_weights_are_not_fused():
+    rep = check_parity(ReturnsWeights(), [torch.randn(B, H, T, D) for _ in range(3)], {"attention": 0})
+    (site, reason), = rep.skipped("attention")
+    assert "output" in reason
+
+
+class FiniteFill(nn.Module):
+    def forward(self, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~keep, -1e4)
+        return torch.softmax(s, -1) @ v
+
+
+def test_finite_fill_is_declined_with_reason():
+    keep = torch.rand(B, 1, T, T) > 0.5
+    rep = check_parity(FiniteFill(), [*(torch.randn(B, H, T, D) for _ in range(3)), keep], {"attention": 0})
+    assert "fill" in rep.skipped("attention")[0][1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_unsupported_dtype_attention(dtype):
+    rep = check_parity(ReturnsWeights(), [torch.randn(B, H, T, D, dtype=dtype) for _ in range(3)], {"attention": 0})
+    assert rep.skipped("attention")

@@ -1,0 +1,167 @@
+"""tritonize(model) / untritonize(model) / report(model).
+
+`tritonize` compiles the module's call through the tritonize Dynamo backend, the way
+`nn.Module.compile` does (it sets `_compiled_call_impl`), and returns the SAME module object: its
+parameters, buffers and `state_dict` are untouched, `train()/eval()`, `.to(device/dtype)`,
+`no_grad`/`inference_mode` and autocast keep working (Dynamo guards on them and recaptures), and
+HF's `generate()`, which calls `self(...)`, runs fused.
+
+Dynamic shapes: automatic dynamic (torch.compile's `dynamic=None`). The first call captures a
+graph specialised to its shapes; the first call with a different size (a new sequence length)
+recaptures ONCE with that size symbolic, and every later length reuses it. So N sequence lengths
+cost at most 2 captures (per train/eval mode), not N, and the common fixed-shape training loop gets
+a fully static graph. `dynamic=True` marks everything dynamic from the first call (one capture).
+Guards read sizes through `tritonize.patterns.static_int`, which never specialises a symbolic size.
+
+Each model gets its own entry function (a distinct code object), so Dynamo's per-code-object
+recompile limit is counted per model, not shared by every module in the process.
+
+A model Dynamo cannot capture at all runs unmodified, with one warning saying why (the report's
+`fallback`); `strict=True` raises instead.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+import torch.nn as nn
+
+from tritonize.fuser.capture import make_backend
+from tritonize.fuser.report import Report
+
+_STATE = "_tritonize_state"
+
+
+class _State:
+    def __init__(self, model, report, options):
+        self.report = report
+        self.options = options
+        self.calls = 0
+        self.disabled = False
+        self.compiled = None
+
+    def __deepcopy__(self, memo):  # a deep copy of a tritonized model is a plain (eager) model
+        return None
+
+
+class _TritonizedCall:
+    """What `model._compiled_call_impl` holds: runs the compiled entry, watches the first calls."""
+
+    def __init__(self, model, state):
+        self.model_ref = model
+        self.state = state
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __call__(self, *args, **kwargs):
+        st = self.state
+        model = self.model_ref
+        if st.disabled:
+            return model._call_impl(*args, **kwargs)
+        from torch._dynamo.utils import counters
+
+        n0 = st.report.captures
+        b0 = sum(counters["graph_break"].values())
+        first = st.calls == 0
+        try:
+            out = st.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if not first:
+                raise
+            # Dynamo (or our pass) failed on the first call: if eager runs, run eager from now on.
+            out = model._call_impl(*args, **kwargs)  # a user error re-raises from here, as eager
+            self._fallback(f"Dynamo could not capture the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", e)
+            return out
+        st.calls += 1
+        if st.report.captures != n0 or sum(counters["graph_break"].values()) != b0:
+            st.report.add_graph_breaks(_break_reasons(counters))
+        if first and st.report.captures == n0:
+            why = "; ".join(st.report.graph_breaks) or "the forward was skipped or ran entirely outside Dynamo"
+            self._fallback(f"Dynamo captured no graph ({why})", None)
+        return out
+
+    def _fallback(self, reason, exc):
+        st = self.state
+        if st.options.get("strict"):
+            raise RuntimeError(f"tritonize(strict=True): {reason}") from exc
+        st.disabled = True
+        st.report.fallback = reason
+        warnings.warn(f"tritonize: {type(self.model_ref).__name__} runs unmodified: {reason}", stacklevel=3)
+
+
+def _break_reasons(counters) -> list[str]:
+    return [str(k) for k in counters["graph_break"].keys()]
+
+
+def _entry_for(model, tag: int):
+    """A fresh function with its own code object that calls `model._call_impl`."""
+
+    def _tritonize_entry(*args, **kwargs):
+        return model._call_impl(*args, **kwargs)
+
+    code = _tritonize_entry.__code__.replace(co_name=f"_tritonize_entry_{tag}")
+    return types.FunctionType(code, _tritonize_entry.__globals__, code.co_name, None, _tritonize_entry.__closure__)
+
+
+_counter = [0]
+
+
+def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager", strict: bool = False,
+              dynamic: bool | None = None):
+    """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
+
+    patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
+    out; rest: "eager" (the unfused rest runs as PyTorch) or "inductor"; strict: raise instead of
+    running unmodified when Dynamo cannot capture the model; dynamic: torch.compile's `dynamic`
+    (default None = automatic dynamic: at most one recapture when sizes change, see module doc).
+    Tritonizing an already tritonized model is a no-op (untritonize first to change options).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tritonize: expected an nn.Module, got {type(model).__name__}")
+    if model.__dict__.get(_STATE) is not None:
+        return model
+    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic)
+    report = Report(type(model).__name__)
+    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict)
+    state = _State(model, report, options)
+    _counter[0] += 1
+    state.compiled = torch.compile(_entry_for(model, _counter[0]), backend=backend, dynamic=dynamic)
+    model.__dict__[_STATE] = state
+    model._compiled_call_impl = _TritonizedCall(model, state)
+    return model
+
+
+def untritonize(model: nn.Module):
+    """Undo `tritonize(model)`: the module runs its original forward again. Returns the module."""
+    if model.__dict__.get(_STATE) is not None:
+        del model.__dict__[_STATE]
+        model._compiled_call_impl = None
+    return model
+
+
+def is_tritonized(model) -> bool:
+    return isinstance(model, nn.Module) and model.__dict__.get(_STATE) is not None
+
+
+def report(model) -> Report:
+    """The Report of a tritonized model; for a `torch.compile(..., backend="tritonize")` module
+    (or anything else) the backend's global report; for a GraphModule from the fx path, its own."""
+    st = model.__dict__.get(_STATE) if isinstance(model, nn.Module) else None
+    if st is not None:
+        return st.report
+    rep = getattr(model, "tritonize_report", None)
+    if isinstance(rep, Report):
+        return rep
+    from tritonize.fuser.backend import GLOBAL_REPORT
+
+    return GLOBAL_REPORT
+
+
+def tritonize_fx(module, *example_inputs, patterns=None, exclude=()):
+    """The torch.fx.symbolic_trace path: returns a rewritten GraphModule (see capture.symbolic)."""
+    from tritonize.fuser.capture import symbolic
+
+    return symbolic(module, *example_inputs, patterns=patterns, exclude=exclude)

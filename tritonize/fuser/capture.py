@@ -1,0 +1,128 @@
+"""capture: the Dynamo backend that runs normalize -> rewrite on each captured graph, and the
+`torch.fx.symbolic_trace` path for modules that trace.
+
+Dynamo hands the backend a torch-level FX GraphModule (before autograd): `call_function` on
+`torch._C._nn.linear`, `F.*`, `operator.*`, `call_method` like 'softmax'/'view', parameters as
+placeholders, `meta["example_value"]` fake tensors and `meta["nn_module_stack"]` module paths. We
+rewrite there, so the graph calls our custom ops, whose registered autograd gives training; the
+rewritten graph then runs eagerly (`rest="eager"`) or goes to Inductor (`rest="inductor"`), where
+our ops stay opaque.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.fx as fx
+
+from tritonize.fuser.normalize import normalize
+from tritonize.fuser.report import Report
+from tritonize.fuser.rewrite import rewrite
+
+RESTS = ("eager", "inductor")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("TRITONIZE_LOG", "").lower() == "debug"
+
+
+def _log_graph(title: str, gm: fx.GraphModule) -> None:
+    print(f"[tritonize] ===== {title} =====\n{gm.code}", file=sys.stderr)
+
+
+def select_patterns(patterns=None, exclude=()):
+    """Pattern instances by name (None: all), minus `exclude`; unknown names raise ValueError."""
+    from tritonize.patterns import all_patterns
+
+    every = all_patterns()
+    names = [p.name for p in every]
+    families = {p.family for p in every}
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+
+    def expand(sel, what):
+        out = set()
+        for s in sel:
+            if s in names:
+                out.add(s)
+            elif s in families:
+                out.update(p.name for p in every if p.family == s)
+            else:
+                raise ValueError(f"tritonize: unknown pattern {s!r} in {what}; known: {', '.join(names)} "
+                                 f"(or a family: {', '.join(sorted(families))})")
+        return out
+
+    chosen = set(names) if patterns is None else expand(patterns, "patterns")
+    chosen -= expand(exclude or (), "exclude")
+    return [p for p in every if p.name in chosen]
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    g = fx.Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return fx.GraphModule(gm, g)
+
+
+def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True) -> fx.GraphModule:
+    """normalize + rewrite `gm` in place; returns it."""
+    capture = report.new_capture()
+    if debug_enabled():
+        _log_graph(f"graph {capture} before", gm)
+    normalize(gm, has_meta=has_meta)
+    rewrite(gm, patterns, report, capture)
+    if debug_enabled():
+        _log_graph(f"graph {capture} after", gm)
+    return gm
+
+
+def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False):
+    """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`."""
+    if rest not in RESTS:
+        raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
+    pats = select_patterns(patterns, exclude)
+
+    def tritonize_compiler(gm: fx.GraphModule, example_inputs):
+        backup = _copy_graph_module(gm)
+        try:
+            transform(gm, report, pats)
+        except Exception as e:  # a bug in the pass must not break the user's model
+            if strict:
+                raise
+            warnings.warn(f"tritonize: rewriting a captured graph failed ({type(e).__name__}: {e}); "
+                          "that graph runs unmodified", stacklevel=2)
+            gm = backup
+        if rest == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    return tritonize_compiler
+
+
+def symbolic(module: torch.nn.Module, *example_inputs, patterns=None, exclude=(), report: Report | None = None):
+    """The `torch.fx.symbolic_trace` path: trace `module` (or take a GraphModule), fill fake
+    metadata from `example_inputs`, fuse; returns the rewritten GraphModule (its report in
+    `gm.tritonize_report`). For modules without data-dependent Python control flow."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
+    report = report or Report(type(module).__name__)
+    pats = select_patterns(patterns, exclude)
+    from tritonize.fuser.normalize import _fold_modules
+
+    _fold_modules(gm)  # call_module -> functional first, so the fake pass sees the get_attrs
+    gm.recompile()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                         for t in example_inputs])
+    transform(gm, report, pats)
+    gm.tritonize_report = report
+    return gm

@@ -1,0 +1,268 @@
+"""Attention: softmax(q @ k^T * scale (+ mask | masked_fill | where) [fp32]) [dropout] @ v, and
+F.scaled_dot_product_attention itself -> tritonize.kernels.attention (flash attention).
+
+Generated spellings (2 x 4 x 5 x 2 x 2 = 160 graphs, traced once per process):
+    kv:      k, v as they are | repeat_kv(k), repeat_kv(v) (GQA: k[:, :, None].expand(..).reshape(..)),
+             folded away because the kernel reads kv head h // n_rep itself
+    scale:   s * c | s / c | (q * c) @ k^T | none (c = 1)
+    mask:    none | s + m | m + s | s.masked_fill(m, fill) | torch.where(m, s, fill)
+    upcast:  no | softmax(s.to(float32)).to(dtype)
+    dropout: no | F.dropout(p, training=True)
+The head split (view + transpose) and merge (transpose + reshape) around it stay as they are: the
+kernel takes SDPA's (B, H, T, D) layout with any strides and returns q's layout, so they remain
+views. masked_fill/where become a bool keep-mask when the fill is -inf, an additive mask when it
+is a finite value <= -1e30 (HF's finfo.min: rows whose every key is masked are uniform in eager and
+in the kernel alike); any other fill is declined, as it would change fully masked rows.
+Fully masked rows with a -inf fill are NaN in eager and 0 in the kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tritonize.patterns import (
+    FLOATS, Pattern, dim_eq, first_problem, is_number, register, same_shape, static_int, tensor_problem,
+)
+
+_MAX_HEAD_DIM = 256
+
+
+def _repeat_kv(x, esz, rsz):
+    return x[:, :, None, :, :].expand(esz).reshape(rsz)
+
+
+def _attn(q, k, v, c, m, fill, p, dt_up, dt_back, ek, rk, ev, rv, *, gqa, scale, mask, upcast, dropout):
+    if gqa:
+        k = _repeat_kv(k, ek, rk)
+        v = _repeat_kv(v, ev, rv)
+    if scale == "q":
+        q = q * c
+    s = torch.matmul(q, torch.transpose(k, -2, -1))
+    if scale == "mul":
+        s = s * c
+    elif scale == "div":
+        s = s / c
+    if mask == "add":
+        s = s + m
+    elif mask == "radd":
+        s = m + s
+    elif mask == "masked_fill":
+        s = torch.masked_fill(s, m, fill)
+    elif mask == "where":
+        s = torch.where(m, s, fill)
+    if upcast:
+        s = s.to(dt_up)
+    a = torch.softmax(s, -1)
+    if upcast:
+        a = a.to(dt_back)
+    if dropout:
+        a = F.dropout(a, p, True, False)
+    return torch.matmul(a, v)
+
+
+def _qkv_guard(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        r = tensor_problem(name, t)
+        if r:
+            return r
+        if t.dim() != 4:
+            return f"{name} is {t.dim()}-D, not (B, H, T, D)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v have different dtypes"
+    if q.device != k.device or q.device != v.device:
+        return "q, k, v on different devices"
+    d = static_int(q.shape[-1])
+    if d is None:
+        return "head dim is symbolic"
+    if d > _MAX_HEAD_DIM:
+        return f"head dim {d} > {_MAX_HEAD_DIM}"
+    if not (dim_eq(k.shape[-1], q.shape[-1]) and same_shape(v.shape, k.shape)):
+        return "k/v head dims differ from q's (or v's shape from k's)"
+    if not dim_eq(k.shape[0], q.shape[0]):
+        return "q and k have different batch sizes"
+    hq, hk = static_int(q.shape[1]), static_int(k.shape[1])
+    if hq is None or hk is None or hk < 1 or hq % hk:
+        return f"kv heads ({k.shape[1]}) do not divide q heads ({q.shape[1]})"
+    return None
+
+
+def _mask_guard(m_val, scores_shape):
+    if not isinstance(m_val, torch.Tensor):
+        return "mask is not a tensor"
+    if m_val.dtype not in FLOATS + (torch.bool,):
+        return f"mask dtype {m_val.dtype}"
+    if m_val.requires_grad:
+        return "mask requires grad (a learned bias): the kernel gives no mask gradient"
+    if m_val.dim() > 4:
+        return "mask has more than 4 dims"
+    # broadcastable to the scores, without growing them
+    ms = list(m_val.shape)
+    ss = list(scores_shape)[-len(ms):] if ms else []
+    for a, b in zip(reversed(ms), reversed(ss)):
+        if not (dim_eq(a, 1) or dim_eq(a, b)):
+            return f"mask shape {tuple(ms)} does not broadcast to the scores {tuple(scores_shape)}"
+    return None
+
+
+@register
+class Attention(Pattern):
+    name = "attention"
+    family = "attention"
+    priority = 70
+    kernel = ("attention", "attention")
+
+    def searches(self):
+        combos = itertools.product([False, True], ["mul", "div", "q", "none"],
+                                   ["none", "add", "radd", "masked_fill", "where"], [False, True], [False, True])
+        for gqa, scale, mask, upcast, dropout in combos:
+            flags = dict(gqa=gqa, scale=scale, mask=mask, upcast=upcast, dropout=dropout)
+
+            def make(flags):
+                def f(q, k, v, c, m, fill, p, dt_up, dt_back, ek, rk, ev, rv):
+                    return _attn(q, k, v, c, m, fill, p, dt_up, dt_back, ek, rk, ev, rv, **flags)
+                return f
+
+            f = make(flags)
+            yield ",".join(f"{a}={b}" for a, b in flags.items()), flags, f
+
+    def guard(self, m):
+        f = m.flags
+        q, k, v = m.val("q"), m.val("k"), m.val("v")
+        r = _qkv_guard(q, k, v)
+        if r:
+            return r
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        if f["gqa"]:
+            # the expand must repeat each kv head n_rep times along a new dim 2 (repeat_kv)
+            n_rep = static_int(H) // static_int(k.shape[1])
+            for name in ("ek", "ev"):
+                e = m[name]
+                if not (isinstance(e, tuple) and len(e) == 5 and static_int(e[2]) == n_rep):
+                    return f"repeat of kv heads {e} is not repeat_kv's"
+            for name in ("rk", "rv"):
+                e = m[name]
+                if not (isinstance(e, tuple) and len(e) == 4 and static_int(e[1]) == static_int(H)):
+                    return f"merge of kv heads {e} is not repeat_kv's"
+        elif not dim_eq(k.shape[1], H):
+            return "k has fewer heads than q without a repeat_kv"
+        if f["scale"] == "none":
+            scale = 1.0
+        else:
+            c = m["c"]
+            if not is_number(c) or c == 0 or not math.isfinite(c):
+                return f"scale {c!r} is not a finite python number"
+            scale = 1.0 / c if f["scale"] == "div" else float(c)
+        if f["upcast"]:
+            if m["dt_up"] is not torch.float32:
+                return f"softmax computed in {m['dt_up']}"
+            if m["dt_back"] != v.dtype:
+                return f"probabilities cast to {m['dt_back']}, not v's dtype"
+        else:
+            # softmax in the scores' dtype: must be q's (or fp32, computed more precisely by us)
+            pass
+        mask_kind = f["mask"]
+        mask = None
+        if mask_kind != "none":
+            mv = m.val("m")
+            r = _mask_guard(mv, (B, H, Tq, Tk))
+            if r:
+                return r
+            if mask_kind in ("add", "radd"):
+                if mv.dtype == torch.bool:
+                    return "adding a bool mask"
+            else:
+                if mv.dtype != torch.bool:
+                    return f"{mask_kind} with a non-bool mask"
+                fill = m["fill"]
+                if not is_number(fill):
+                    return f"{mask_kind} fill {fill!r} is not a python number"
+                if not (fill == -math.inf or fill <= -1e30):
+                    return f"{mask_kind} fill {fill} is not -inf or <= -1e30 (fully masked rows would differ)"
+        if f["dropout"]:
+            p = m["p"]
+            if not is_number(p) or not 0.0 <= p < 1.0:
+                return f"dropout p {p!r}"
+        out = m.out_val(0)
+        if out is None or out.dtype != q.dtype or out.dim() != 4:
+            return "output dtype/rank differs from q's"
+        if not (same_shape(out.shape[:3], q.shape[:3]) and dim_eq(out.shape[3], v.shape[3])):
+            return "scores broadcast beyond (B, H, Tq, Tk)"
+        m.scale_value = scale
+        return None
+
+    def replace(self, m, fn):
+        f = m.flags
+        k, v = m["k"], m["v"]
+        mask = None
+        kind = f["mask"]
+        if kind in ("add", "radd"):
+            mask = m["m"]
+        elif kind in ("masked_fill", "where"):
+            fill = float(m["fill"])
+            keep = m["m"] if kind == "where" else m.call(torch.logical_not, m["m"])
+            if fill == -math.inf:
+                mask = keep
+            else:
+                sdt = m.val("q").dtype if not f["upcast"] else torch.float32
+                zero = 0.0
+                mask = m.call(torch.where, keep, zero, fill)
+                mask = m.method("to", mask, sdt)
+        q = m["q"]
+        p = float(m["p"]) if f["dropout"] else 0.0
+        return [m.call(fn, q, k, v, mask, False, m.scale_value, p)]
+
+
+@register
+class SDPA(Pattern):
+    name = "sdpa"
+    family = "attention"
+    priority = 70
+    kernel = ("attention", "attention")
+
+    def searches(self):
+        def f(q, k, v, m, p, causal, c, gqa):
+            return F.scaled_dot_product_attention(q, k, v, m, p, causal, scale=c, enable_gqa=gqa)
+
+        yield "F.scaled_dot_product_attention", {}, f
+
+    def guard(self, m):
+        q, k, v = m.val("q"), m.val("k"), m.val("v")
+        r = _qkv_guard(q, k, v)
+        if r:
+            return r
+        if not m["gqa"] and not dim_eq(k.shape[1], q.shape[1]):
+            return "k has fewer heads than q and enable_gqa is False"
+        causal, p, c = m["causal"], m["p"], m["c"]
+        if not isinstance(causal, bool):
+            return f"is_causal {causal!r} is not a python bool"
+        if not is_number(p) or not 0.0 <= p < 1.0:
+            return f"dropout_p {p!r}"
+        if c is not None and (not is_number(c) or not math.isfinite(c)):
+            return f"scale {c!r} is not a python number"
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        if causal and not dim_eq(Tq, Tk):
+            return "is_causal with Tq != Tk (SDPA aligns top-left, the kernel bottom-right)"
+        if m.get("m") is not None:
+            if causal:
+                return "attn_mask together with is_causal (eager SDPA rejects it)"
+            r = _mask_guard(m.val("m"), (B, H, Tq, Tk))
+            if r:
+                return r
+        out = m.out_val(0)
+        if out is None or out.dtype != q.dtype:
+            return "output dtype differs from q's"
+        return None
+
+    def replace(self, m, fn):
+        c = m["c"]
+        return [m.call(fn, m["q"], m["k"], m["v"], m.get("m"), m["causal"], None if c is None else float(c),
+                       float(m["p"]))]
+
+
+_ = first_problem

@@ -26,7 +26,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee -a "$OUT/env.log"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -x --durations=15 ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -60
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q --durations=15 ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -60
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do

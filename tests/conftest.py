@@ -14,6 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Numerics tests run dozens of odd shapes: one config per kernel instead of tuning each shape
+# (which compiles every candidate config per shape). Benchmarks keep autotuning on.
+os.environ.setdefault("TRITONIZE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

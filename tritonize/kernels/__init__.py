@@ -16,6 +16,8 @@ kernel module, and one op's module can be imported on its own.
 """
 
 import importlib
+import sys
+import types
 
 # public name -> module (inside this package) that defines it
 _EXPORTS = {
@@ -47,3 +49,17 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _KernelsPackage(types.ModuleType):
+    """Most ops share their module's name (`layer_norm` in `layer_norm.py`). Importing a
+    submodule makes the import system set it as an attribute of this package, which would
+    replace the op; keep the op instead (the module stays in sys.modules and importable)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

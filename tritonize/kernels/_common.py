@@ -17,6 +17,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# TRITONIZE_AUTOTUNE=0 keeps only the first surviving config of each autotuned kernel. The GPU
+# test suite sets it: tests check numerics over dozens of odd shapes, and tuning every one of
+# them would compile every config for each (minutes); benchmarks and users keep tuning on.
+AUTOTUNE = os.environ.get("TRITONIZE_AUTOTUNE", "1") != "0"
+
+
+def tuning_candidates(configs: list) -> list:
+    """What an `early_config_prune` hook returns: all kept configs, or the first when tuning is off."""
+    return configs if AUTOTUNE else configs[:1]
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """True where the Triton kernel runs: CUDA tensors, or CPU tensors under the interpreter.
@@ -27,6 +37,24 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return INTERPRET and t.device.type == "cpu"
+
+
+def eager_fast_path(x: torch.Tensor) -> bool:
+    """True for a plain eager call on a real tensor where the Triton kernel runs.
+
+    Ops then go through a `torch.autograd.Function` that calls the launchers directly: the
+    custom-op dispatch layers cost several times the Python time of a plain autograd.Function
+    per forward+backward (~180 us vs ~45 us measured on CPU), which decides the speed of every
+    row-wise op at realistic sizes. Under torch.compile / export, fake tensors, tensor
+    subclasses and functorch transforms, the registered custom ops are used, so graphs still
+    see one opaque op with a fake implementation and a registered autograd formula.
+    """
+    return (
+        type(x) is torch.Tensor
+        and use_triton(x)
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_same_device, check_tensor, new_seed, use_triton
+from ._common import INTERPRET, check_arg, tuning_candidates, check_same_device, check_tensor, new_seed, use_triton
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MAX_HEAD_DIM = 256
@@ -603,7 +603,9 @@ def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
         keep = _KEEP[kind][max(64, block_d)]
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        return tuning_candidates(
+            [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        )
 
     return prune
 

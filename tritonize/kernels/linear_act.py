@@ -65,7 +65,7 @@ from tritonize.kernels._activations import (
     activation_grad_from_output,
     check_activation,
 )
-from tritonize.kernels._common import INTERPRET, check_arg, check_same_device, check_tensor, use_triton
+from tritonize.kernels._common import INTERPRET, check_arg, eager_fast_path, tuning_candidates, check_same_device, check_tensor, use_triton
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation).
 SAVE_PRE = True  # save the pre-activation for backward (True) or recompute it there (False)
@@ -134,7 +134,7 @@ def _prune_configs(configs, named_args, **kwargs):
         if elsize == 4 and bm * bn * n_b > 128 * 128:  # fp32 tiles: registers, not smem, bind
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return tuning_candidates(kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
 
 
 def _m_bucket(m: int) -> int:
@@ -830,21 +830,6 @@ class _GatedLinearFn(torch.autograd.Function):
         return grads
 
 
-def _eager_fast_path(x: torch.Tensor) -> bool:
-    """Plain eager call on a real tensor where the Triton kernel runs: skip the custom-op layers.
-
-    Under torch.compile / export (Dynamo sees is_compiling() as True), fake tensors, tensor
-    subclasses and functorch transforms, the registered custom ops are used, so graphs still see
-    one opaque op with a fake implementation.
-    """
-    return (
-        type(x) is torch.Tensor
-        and use_triton(x)
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. References (plain torch; `upcast` computes in fp32)
 # ---------------------------------------------------------------------------------------------
@@ -903,7 +888,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if _eager_fast_path(x):
+    if eager_fast_path(x):
         return _LinearActFn.apply(x, weight, bias, activation, SAVE_PRE and needs_grad)
     y, _ = torch.ops.tritonize.linear_act_fwd(x, weight, bias, activation, SAVE_PRE and needs_grad)
     return y
@@ -916,7 +901,7 @@ def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, acti
     if x.numel() == 0 or w_gate.numel() == 0:
         return gated_linear_reference(x, w_gate, w_up, activation)  # nothing to launch
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad)
-    if _eager_fast_path(x):
+    if eager_fast_path(x):
         return _GatedLinearFn.apply(x, w_gate, w_up, activation, needs_grad)
     out, _, _ = torch.ops.tritonize.gated_linear_fwd(x, w_gate, w_up, activation, needs_grad)
     return out

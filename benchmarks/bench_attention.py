@@ -13,6 +13,7 @@ alone take 17 GB per copy.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
@@ -45,12 +46,23 @@ def _impls():
     from torch.nn.attention import SDPBackend
 
     from tritonize.kernels import attention
+    attention_mod = importlib.import_module("tritonize.kernels.attention")  # the module (the package exports the function)
+
+    def customop(q, k, v, mask=None, causal=False):
+        # every call through the registered custom ops (what torch.compile graphs call), to show
+        # what the eager fast path saves
+        attention_mod.EAGER_FAST_PATH = False
+        try:
+            return attention(q, k, v, mask=mask, causal=causal)
+        finally:
+            attention_mod.EAGER_FAST_PATH = True
 
     return {
         "tritonize": lambda q, k, v, mask=None, causal=False: attention(q, k, v, mask=mask, causal=causal),
         "tritonize_atomic_dq": lambda q, k, v, mask=None, causal=False: attention(
             q, k, v, mask=mask, causal=causal, deterministic=False
         ),
+        "tritonize_customop": customop,
         "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "naive": _naive,
@@ -94,6 +106,8 @@ def main(argv=None):
         for name, fn in impls.items():
             if name == "tritonize_atomic_dq" and not (T == 2048 and causal and mask_kind == "none"):
                 continue  # one data point per D for the deterministic/atomic choice
+            if name == "tritonize_customop" and not (T == 512 and mask_kind == "none"):
+                continue  # the dispatch cost only shows at short T
             shape = f"B{B} H{H} T{T} D{D}"
             base = dict(op="attention", impl=name, shape=shape, causal=causal, mask=mask_kind)
             if name == "naive" and T >= 8192:

@@ -204,3 +204,25 @@ def test_attention_bad_inputs(device):
     with pytest.raises(TypeError, match=r"tritonize.attention: argument 'q'.*dtype"):
         qi = torch.zeros(2, 4, 8, 16, dtype=torch.int64, device=device)
         attention(qi, qi, qi)
+
+
+def test_attention_custom_op_path_matches_fast_path(device, monkeypatch):
+    """Eager calls take the autograd.Function fast path; torch.compile/fake tensors take the
+    registered custom ops. Both must run the same launchers: bit-identical out and grads."""
+    import importlib
+
+    mod = importlib.import_module("tritonize.kernels.attention")
+    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 21, 21, 16)
+    mask = torch.zeros(1, 1, 1, 21, device=device, dtype=torch.float16)
+    mask[..., -3:] = torch.finfo(torch.float16).min
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(mod, "EAGER_FAST_PATH", fast)
+        ls = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        o = attention(*ls, mask=mask, causal=True)
+        results.append([o, *torch.autograd.grad(o, ls, torch.ones_like(o))])
+        with torch.no_grad():  # inference skips autograd entirely
+            results[-1].append(attention(q, k, v, mask=mask, causal=True))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][0], results[0][4])

@@ -30,6 +30,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -37,9 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, tuning_candidates, check_same_device, check_tensor, new_seed, use_triton
+from ._common import (
+    INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, new_seed, tuning_candidates, use_triton,
+)
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+# Plain eager calls on real tensors go through `_AttentionFn` (launchers called directly); False
+# sends every call through the custom ops (the benchmark flips it to measure the difference).
+EAGER_FAST_PATH = True
 _MAX_HEAD_DIM = 256
 
 
@@ -88,6 +95,24 @@ def _keep_mask(seed, drop_base, rows, cols, Tk, dropout_p, TRANSPOSED: tl.conste
     else:
         offs = drop_base + (rows[:, None] * Tk + cols[None, :])
     return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _program_ids(CAUSAL: tl.constexpr, SCHED: tl.constexpr, REVERSE: tl.constexpr):
+    # (block index along the sequence, b*H + h). SCHED=0: grid (blocks, heads), blocks fastest.
+    # SCHED=1: grid (heads, blocks), heads fastest, and under a causal mask the blocks with the
+    # most work go first (REVERSE: the last query blocks see the most keys), so the short blocks
+    # fill the tail of the grid instead of a few long ones running alone at the end. It also
+    # lifts the 65535 limit of grid axis 1 off B*H.
+    if SCHED == 1:
+        blk = tl.program_id(1)
+        bh = tl.program_id(0)
+        if CAUSAL and REVERSE:
+            blk = tl.num_programs(1) - 1 - blk
+    else:
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+    return blk, bh
 
 
 @triton.jit
@@ -164,10 +189,9 @@ def _attention_fwd_kernel(
     T_BUCKET,  # autotune key only (bucketed sequence length)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCHED: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(CAUSAL, SCHED, True)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP  # GQA: the group's shared kv head
@@ -359,9 +383,11 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCHED: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)  # over B * Hkv
+    # Causal: key block 0 is seen by every query, the last by few; ascending order is already
+    # heaviest-first (REVERSE=False).
+    pid_n, pid_bh = _program_ids(CAUSAL, SCHED, False)  # pid_bh over B * Hkv
     b = pid_bh // Hkv
     kvh = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
@@ -497,12 +523,11 @@ def _attention_bwd_dq_kernel(
     T_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCHED: tl.constexpr,
 ):
     # One program per query block: recomputes S and dP for its rows and sums dS K over key
     # blocks in registers (deterministic; costs two extra matmuls against atomics).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(CAUSAL, SCHED, True)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
@@ -556,87 +581,172 @@ def _attention_bwd_dq_kernel(
 # 2. Launch configuration and launchers
 # =============================================================================================
 
-# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages), pruned per head-dim bucket to the few that
-# win on Hopper (the list is short on purpose: each config is compiled per (D, causal, mask)
-# variant, and the whole benchmark must autotune within minutes). BLOCK_M is the query tile,
-# BLOCK_N the key tile, in every kernel.
-_TILES = [
-    (bm, bn, w, s)
-    for bm in (16, 32, 64, 128)
-    for bn in (16, 32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3, 4)
-]
-_KEEP = {
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), best first, per kernel, head-dim bucket
+# (BLOCK_D, 64 at least), sequence class ("long": max(Tq, Tk) > 1024) and causal. BLOCK_M is the
+# query tile, BLOCK_N the key tile, in every kernel. A list of one is launched directly (no
+# autotuner in the way: it costs Python time per call and cannot time kernels of a few
+# microseconds reliably anyway); longer lists are autotuned (the autotuner's key buckets T).
+# Chosen from benchmarks/sweep_attention.py on an H100 (see docs/notes/attention.md).
+_TILE_SPEC = {
+    # kind: {(dbucket, long, causal): [tiles]}; D64/D128 measured on an H100 (bf16, B8 H16,
+    # T 512 for short, 2048 for long; D128 long and D256 not measured: nearest measured choice).
     "fwd": {
-        64: {(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)},
-        128: {(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)},
-        256: {(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)},
+        (64, False, False): [(128, 64, 8, 3)],
+        (64, False, True): [(64, 64, 4, 3)],
+        (64, True, False): [(128, 64, 4, 3), (128, 64, 8, 3)],
+        (64, True, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        (128, False, False): [(128, 32, 4, 3)],
+        (128, False, True): [(128, 32, 4, 3)],
+        (128, True, False): [(128, 32, 4, 3), (128, 64, 8, 3)],
+        (128, True, True): [(128, 32, 4, 3), (128, 64, 8, 3)],
+        (256, False, False): [(64, 32, 4, 2)],
+        (256, False, True): [(64, 32, 4, 2)],
+        (256, True, False): [(64, 32, 4, 2), (64, 64, 4, 2)],
+        (256, True, True): [(64, 32, 4, 2), (64, 64, 4, 2)],
     },
-    # dk/dv: few queries per step, many keys per program (keys are the accumulated rows)
+    # dk/dv: few queries per step, many keys per program (keys are the accumulated rows). At D128
+    # 4 warps with BLOCK_N=128 spill (two 128x128 fp32 accumulators): 2x slower than BLOCK_N=64.
     "dkdv": {
-        64: {(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)},
-        128: {(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)},
-        256: {(16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)},
+        (64, False, False): [(32, 128, 4, 3)],
+        (64, False, True): [(32, 64, 4, 3)],
+        (64, True, False): [(32, 64, 4, 3), (64, 64, 4, 3)],
+        (64, True, True): [(32, 128, 4, 3), (64, 64, 4, 3)],
+        (128, False, False): [(32, 64, 4, 3)],
+        (128, False, True): [(32, 64, 4, 3)],
+        (128, True, False): [(32, 64, 4, 3), (64, 128, 8, 3)],
+        (128, True, True): [(32, 64, 4, 3), (64, 128, 8, 3)],
+        (256, False, False): [(16, 64, 4, 2)],
+        (256, False, True): [(16, 64, 4, 2)],
+        (256, True, False): [(16, 64, 4, 2), (32, 64, 4, 2)],
+        (256, True, True): [(16, 64, 4, 2), (32, 64, 4, 2)],
     },
     "dq": {
-        64: {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
-        128: {(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)},
-        256: {(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)},
+        (64, False, False): [(128, 64, 8, 3)],
+        (64, False, True): [(64, 32, 4, 3)],
+        (64, True, False): [(128, 64, 8, 3), (128, 32, 4, 4)],
+        (64, True, True): [(64, 32, 4, 3), (64, 64, 4, 3)],
+        (128, False, False): [(128, 32, 4, 3)],
+        (128, False, True): [(64, 32, 4, 3)],
+        (128, True, False): [(128, 32, 4, 3), (128, 64, 8, 3)],
+        (128, True, True): [(64, 32, 4, 3), (128, 64, 8, 3)],
+        (256, False, False): [(64, 32, 4, 2)],
+        (256, False, True): [(64, 32, 4, 2)],
+        (256, True, False): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        (256, True, True): [(64, 32, 4, 2), (32, 32, 4, 2)],
     },
 }
+# Appended to every list, used when nothing above fits in shared memory; fp32 inputs use only
+# these (fp32 tiles are twice the bytes; the first is the one the GPU tests ran in fp32).
+_FALLBACK_TILES = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+# Grid order (see _program_ids). Measured (H100, bf16, T2048 D64 causal): heads-fastest with the
+# heavy causal blocks first is 6-9% faster in each kernel; non-causal, blocks-fastest keeps one
+# head's K/V shared in L2 by the programs running together (fwd D128 T2048: 1.39 vs 1.76 ms).
+# Long causal sequences keep blocks-fastest too (K/V of ~132 heads at once would not fit L2;
+# T8192 was measured fast that way).
+_SCHED_CAUSAL_MAX_T = 4096
+_SCHED_FORCE: dict = {}  # kind -> SCHED, for benchmarks/sweep_attention.py
+
+
+def _sched(kind: str, causal: bool, tq: int, tk: int) -> int:
+    if kind in _SCHED_FORCE:
+        return _SCHED_FORCE[kind]
+    return 1 if causal and max(tq, tk) <= _SCHED_CAUSAL_MAX_T else 0
+_SMEM_BUDGET = 200 * 1024  # H100: 227 KB per block; leave room for layout-conversion scratch
 # The interpreter runs one small fixed tile (several blocks per test shape, so loops, diagonal
 # splits and partial tiles are all exercised; BLOCK_M != BLOCK_N on purpose).
 _INTERPRET_TILE = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _configs(kind: str):
-    allowed = set().union(*_KEEP[kind].values())
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in _TILES
-        if (bm, bn, w, s) in allowed
-    ]
+def _smem_bytes(kind: str, bm: int, bn: int, bd: int, stages: int, elt: int) -> int:
+    """Rough shared memory of one program: the operands held for the whole loop plus `stages`
+    buffers of the streamed ones (an estimate; it only has to reject the clear misfits)."""
+    if kind == "fwd":  # q held; k, v streamed
+        return elt * bd * (bm + 2 * stages * bn)
+    if kind == "dkdv":  # k, v held; q, dO streamed
+        return elt * bd * (2 * bn + 2 * stages * bm)
+    return elt * bd * (2 * bm + 2 * stages * bn)  # dq: q, dO held; k, v streamed
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kind: str, block_d: int, long: bool, causal: bool, elt: int) -> tuple:
+    """The tile list for one launch class, misfits removed (never empty)."""
+    spec = _TILE_SPEC[kind][(min(max(64, block_d), 256), long, causal)] if elt <= 2 else []
+    fits = [t for t in dict.fromkeys(spec + _FALLBACK_TILES)
+            if _smem_bytes(kind, t[0], t[1], block_d, t[3], elt) <= _SMEM_BUDGET]
+    fits = fits or [_FALLBACK_TILES[-1]]
+    # With the first spec entry gone (does not fit), keep only the first that fits: no tuning
+    # across fallbacks.
+    if fits[0] not in spec:
+        return (fits[0],)
+    return tuple(tuning_candidates([t for t in fits if t in spec]))
+
+
+def _is_long(tq: int, tk: int) -> bool:
+    return max(tq, tk) > 1024
+
+
+def _all_configs():
+    tiles = dict.fromkeys(t for spec in _TILE_SPEC.values() for lst in spec.values() for t in lst + _FALLBACK_TILES)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-        keep = _KEEP[kind][max(64, block_d)]
-        return tuning_candidates(
-            [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-        )
+        cands = set(_candidates(
+            kind, kwargs["BLOCK_D"], _is_long(named_args["Tq"], named_args["Tk"]), bool(kwargs["CAUSAL"]),
+            named_args["Q"].element_size(),
+        ))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in cands]
 
     return prune
 
 
-_KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "MASK_KIND", "HAS_DROPOUT", "INPUT_PRECISION"]
+_KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "MASK_KIND", "HAS_DROPOUT", "INPUT_PRECISION", "SCHED"]
 _even_n = triton.heuristics({"EVEN_N": lambda a: a["Tk"] % a["BLOCK_N"] == 0})
 
 if INTERPRET:
-    _fwd_kernel = _attention_fwd_kernel
-    _dkdv_kernel = _even_n(_attention_bwd_dkdv_kernel)
-    _dq_kernel = _attention_bwd_dq_kernel
+    _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 else:
-    _fwd_kernel = triton.autotune(_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
+    # Only reached for classes with several candidates (long sequences, TRITONIZE_AUTOTUNE on).
+    _fwd_tuned = triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
         _attention_fwd_kernel
     )
     # reset_to_zero: the atomic-dq variant accumulates into DQ, which must start at 0 for every
     # benchmarking run of the autotuner (for the deterministic variant DQ is a dummy).
-    _dkdv_kernel = triton.autotune(
-        _configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
+    _dkdv_tuned = triton.autotune(
+        _all_configs(), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
         prune_configs_by={"early_config_prune": _pruner("dkdv")},
     )(_even_n(_attention_bwd_dkdv_kernel))
-    _dq_kernel = triton.autotune(_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
+    _dq_tuned = triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
         _attention_bwd_dq_kernel
     )
 
 
-def _fixed_tile(kind: str) -> dict:
-    if not INTERPRET:
-        return {}
-    bm, bn = _INTERPRET_TILE[kind]
-    return {"BLOCK_M": bm, "BLOCK_N": bn}
+def _launch(kind: str, raw, tuned, nblocks: int, nbh: int, args: tuple, consts: dict, Tq: int, Tk: int,
+            elt: int, extra=None):
+    """Launch `raw` with the single tile of this class, or `tuned` (the autotuner) when several.
+    Grid: (sequence blocks, heads), or (heads, blocks) for SCHED=1. `extra(tile)` adds
+    tile-dependent constexprs (EVEN_N)."""
+    sched = consts["SCHED"]
+    if INTERPRET:
+        bm, bn = _INTERPRET_TILE[kind]
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+        blk = bm if kind != "dkdv" else bn
+        grid = (triton.cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, triton.cdiv(nblocks, blk))
+        raw[grid](*args, **consts, **tile, **(extra(tile) if extra else {}))
+        return
+    cands = _candidates(kind, consts["BLOCK_D"], _is_long(Tq, Tk), consts["CAUSAL"], elt)
+    tkey = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if len(cands) == 1:
+        bm, bn, w, s = cands[0]
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+        blk = bm if kind != "dkdv" else bn
+        grid = (triton.cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, triton.cdiv(nblocks, blk))
+        raw[grid](*args, **consts, **tile, **(extra(tile) if extra else {}), num_warps=w, num_stages=s)
+    elif sched == 0:
+        tuned[lambda META: (triton.cdiv(nblocks, META[tkey]), nbh)](*args, **consts)
+    else:
+        tuned[lambda META: (nbh, triton.cdiv(nblocks, META[tkey]))](*args, **consts)
 
 
 def _t_bucket(tq: int, tk: int) -> int:
@@ -664,9 +774,15 @@ def _mask_args(mask: Optional[torch.Tensor], ref: torch.Tensor, B: int, H: int, 
 
 
 def _device_ctx(t: torch.Tensor):
-    import contextlib
+    # Entering torch.cuda.device costs a few microseconds per launch: only when t is not on the
+    # current device (tensors on cuda:1 while cuda:0 is current).
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+def _even_n_of(Tk: int):
+    return lambda tile: {"EVEN_N": Tk % tile["BLOCK_N"] == 0}
 
 
 def attention_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, seed=0):
@@ -682,15 +798,18 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.
     lse = torch.empty((2, B, H, Tq), dtype=torch.float32, device=q.device)
     m, mask_kind, ms = _mask_args(mask, q, B, H, Tq, Tk)
     block_d = max(16, triton.next_power_of_2(D))
+    consts = dict(
+        BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+        EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype), SCHED=_sched("fwd", causal, Tq, Tk),
+    )
+    args = (
+        q, k, v, m, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), B * H * Tq,
+        H, H // Hkv, Tq, Tk, D,
+        scale * _LOG2E, dropout_p, seed, _t_bucket(Tq, Tk),
+    )
     with _device_ctx(q):
-        _fwd_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
-            q, k, v, m, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), B * H * Tq,
-            H, H // Hkv, Tq, Tk, D,
-            scale * _LOG2E, dropout_p, seed, _t_bucket(Tq, Tk),
-            BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
-            EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype), **_fixed_tile("fwd"),
-        )
+        _launch("fwd", _attention_fwd_kernel, _fwd_tuned, Tq, B * H, args, consts, Tq, Tk, q.element_size())
     return out, lse
 
 
@@ -712,6 +831,7 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
         EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype),
     )
     tb = _t_bucket(Tq, Tk)
+    elt = q.element_size()
     if deterministic:
         dq_acc = dk  # unused by the kernel (ATOMIC_DQ=False)
     else:
@@ -722,22 +842,24 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
         _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), B * H)](
             out, do, delta, *out.stride(), *do.stride(), H, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
         )
-        _dkdv_kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)](
+        args = (
             q, k, v, m, do, lse, delta, dk, dv, dq_acc,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
             *(dq_acc.stride() if not deterministic else (0, 0, 0, 0)), B * H * Tq,
             H, Hkv, H // Hkv, Tq, Tk, D,
             scale, scale * _LOG2E, dropout_p, seed, tb,
-            ATOMIC_DQ=not deterministic, **common, **_fixed_tile("dkdv"),
         )
+        _launch("dkdv", _attention_bwd_dkdv_kernel, _dkdv_tuned, Tk, B * Hkv, args,
+                dict(common, ATOMIC_DQ=not deterministic, SCHED=_sched("dkdv", causal, Tq, Tk)), Tq, Tk, elt, _even_n_of(Tk))
         if deterministic:
-            _dq_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+            args = (
                 q, k, v, m, do, lse, delta, dq,
                 *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(), B * H * Tq,
                 H, H // Hkv, Tq, Tk, D,
                 scale, scale * _LOG2E, dropout_p, seed, tb,
-                **common, **_fixed_tile("dq"),
             )
+            _launch("dq", _attention_bwd_dq_kernel, _dq_tuned, Tq, B * H, args, dict(common, SCHED=_sched("dq", causal, Tq, Tk)),
+                    Tq, Tk, elt)
         else:
             dq.copy_(dq_acc)
     return dq, dk, dv
@@ -798,6 +920,27 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AttentionFn(torch.autograd.Function):
+    """Eager fast path: the same launchers and saved state as the custom ops, without their
+    dispatch layers (which cost several times the Python time of a plain autograd.Function per
+    forward+backward, enough to decide the speed at T <= 1024). See `eager_fast_path`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale, dropout_p, seed, deterministic):
+        out, lse = attention_forward(q, k, v, mask, causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = causal, scale, dropout_p, seed, deterministic
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(
+            do, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic
+        )
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # =============================================================================================
@@ -930,5 +1073,10 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, de
     if Tk == 0:
         return q.new_zeros((B, H, Tq, D))  # no key at all: every row is fully masked
     seed = new_seed() if dropout_p > 0.0 else 0
+    if EAGER_FAST_PATH and eager_fast_path(q):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _AttentionFn.apply(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed,
+                                      bool(deterministic))
+        return attention_forward(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed)[0]
     out, _ = _attention_fwd_op(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed, bool(deterministic))
     return out

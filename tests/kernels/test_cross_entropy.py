@@ -2,6 +2,8 @@
 the same dtype as the yardstick), all reductions, label smoothing, ignored rows, soft-capping,
 normalizer, in-place mode, layouts, bad arguments."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,33 @@ def test_inplace_and_no_grad(device):
     assert torch.equal(x.detach(), base)
     torch.testing.assert_close(cross_entropy(base, t, inplace=True), ref_loss)
     assert torch.equal(x.detach(), base)
+
+
+def test_custom_op_path_and_no_clone(device, monkeypatch):
+    """The registered custom ops (what torch.compile / the fuser's traced graphs see) give the
+    eager fast path's results; in place on a leaf, the gradient is the logits' own storage."""
+    n, v = 5, 1100
+    x = torch.randn(n, v, device=device)
+    t = _targets(n, v, device, ignore=(1,))
+    go = torch.tensor(0.7, device=device)
+    cases = [(ip, red) for ip in (False, True) for red in ("mean", "none")]
+
+    def run_all():
+        out = []
+        for ip, red in cases:
+            g = go if red == "mean" else torch.linspace(0.5, 1.5, n, device=device)
+            out.append(_run(lambda a: cross_entropy(a * 1.0, t, reduction=red, inplace=ip), x, g))
+            leaf = x.clone().requires_grad_()
+            cross_entropy(leaf, t, inplace=ip).backward()
+            # AccumulateGrad stole the gradient (no 2nd (N, V) buffer): in place it is x's storage
+            assert (leaf.grad.data_ptr() == leaf.data_ptr()) == ip, (ip, red)
+        return out
+
+    fast = run_all()
+    monkeypatch.setattr(sys.modules["tritonize.kernels.cross_entropy"], "eager_fast_path", lambda _x: False)
+    for (ip, red), f, o in zip(cases, fast, run_all()):
+        torch.testing.assert_close(o[0], f[0], msg=f"inplace={ip} {red} loss")
+        torch.testing.assert_close(o[1], f[1], msg=f"inplace={ip} {red} dlogits")
 
 
 def test_bad_targets_and_arguments(device):

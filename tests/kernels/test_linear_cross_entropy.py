@@ -2,6 +2,8 @@
 weight and bias gradients (fp32 reference, torch in the same dtype as the yardstick); chunks that
 do not divide N; soft-capping, label smoothing, normalizer; bad arguments."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,23 @@ def test_special_cases(device):
     # the default chunk size: a power of two in [256, 2048], or N when N is small
     assert default_chunk_size(8192, 4096, 128256) == 256 and default_chunk_size(65536, 4096, 128256) == 2048
     assert default_chunk_size(37, 32, 1100) == 37
+
+
+def test_custom_op_path(device, monkeypatch):
+    """The registered custom ops (what torch.compile sees) give the eager fast path's results."""
+    dtype = torch.float32
+    h, w, b, t = _inputs(device, dtype, 9)
+    cases = [("mean", torch.tensor(0.7, device=device)), ("none", torch.linspace(0.5, 1.5, 9, device=device))]
+
+    def run_all():
+        return [_run(lambda *a: linear_cross_entropy(a[0], a[1], t, a[2], reduction=red, chunk_size=4), (h, w, b), go)
+                for red, go in cases]  # fmt: skip
+
+    fast = run_all()
+    monkeypatch.setattr(sys.modules["tritonize.kernels.linear_cross_entropy"], "eager_fast_path", lambda _x: False)
+    for (red, _), f, o in zip(cases, fast, run_all()):
+        for i, what in enumerate(("loss", "dhidden", "dweight", "dbias")):
+            torch.testing.assert_close(o[i], f[i], msg=f"{red} {what}")
 
 
 def test_bad_arguments(device):

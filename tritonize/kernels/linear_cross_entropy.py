@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._common import check_arg, check_same_device, check_tensor, rows_2d, use_triton
+from ._common import check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
 from .cross_entropy import (
     TARGET_DTYPES,
     check_common,
@@ -86,9 +86,12 @@ def linear_cross_entropy_forward(
     compute_grad = need_dh or need_dw or need_db
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    # dW is written by the first chunk's matmul (beta = 0), so no zero fill of V x H
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0:
+        if need_dw:
+            dw.zero_()
         return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
     div = divisor_for(target, ignore_index, reduction, normalizer)
     c = chunk_size or default_chunk_size(n, h, v)
@@ -110,7 +113,10 @@ def linear_cross_entropy_forward(
         if need_dh:
             torch.mm(lg, weight, out=dh[s:e])
         if need_dw:
-            dw.addmm_(lg.t(), h_c)
+            if s == 0:
+                torch.mm(lg.t(), h_c, out=dw)
+            else:
+                dw.addmm_(lg.t(), h_c)  # fp32 inside the matmul, one rounding per chunk
         if need_db:
             db.add_(lg.sum(0, dtype=torch.float32))
     return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
@@ -219,6 +225,8 @@ def _setup_context(ctx, inputs, output):
      softcap, need_dh, need_dw, need_db, chunk_size) = inputs  # fmt: skip
     _loss, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    # no zero-filled "gradients" for dh, dW, db in the backward (dW alone is 0.5-1 GB)
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.need = (need_dh, need_dw, need_db)
     if reduction == "none":
@@ -259,6 +267,64 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 _lce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """Eager fast path (see _common.eager_fast_path): the chunk loop called directly, without
+    the custom-op dispatch layers; same launchers and numerics as the custom ops."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, normalizer, ignore_index, reduction, scale,
+                label_smoothing, softcap, chunk_size):  # fmt: skip
+        need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
+        h2 = rows_2d(hidden)
+        t1 = target.reshape(-1)
+        ctx.reduction = reduction
+        if reduction == "none":
+            # gradients in the backward, with the per-row upstream gradient (see the module doc)
+            loss, _, _, _ = linear_cross_entropy_forward(
+                h2, weight, t1, bias, ignore_index=ignore_index, reduction=reduction, scale=scale,
+                normalizer=normalizer, label_smoothing=label_smoothing, softcap=softcap,
+                need_dh=False, need_dw=False, need_db=False, chunk_size=chunk_size,
+            )  # fmt: skip
+            ctx.args = (ignore_index, scale, label_smoothing, softcap, chunk_size)
+            ctx.save_for_backward(hidden, weight, target, bias)
+            return loss.view(target.shape)
+        loss, dh, dw, db = linear_cross_entropy_forward(
+            h2, weight, t1, bias, ignore_index=ignore_index, reduction=reduction, scale=scale,
+            normalizer=normalizer, label_smoothing=label_smoothing, softcap=softcap,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, chunk_size=chunk_size,
+        )  # fmt: skip
+        # attributes, dropped in backward: used once, then owned by the caller (no clone)
+        ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == "none":
+            need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
+            hidden, weight, target, bias = ctx.saved_tensors
+            ignore_index, scale, label_smoothing, softcap, chunk_size = ctx.args
+            _, dh, dw, db = linear_cross_entropy_forward(
+                rows_2d(hidden), weight, target.reshape(-1), bias, ignore_index=ignore_index, reduction="none",
+                scale=scale, label_smoothing=label_smoothing, softcap=softcap, need_dh=need_dh, need_dw=need_dw,
+                need_db=need_db, row_scale=grad_loss.reshape(-1), chunk_size=chunk_size,
+            )  # fmt: skip
+            dh = None if dh is None else dh.view(hidden.shape)
+        else:
+            grads = getattr(ctx, "grads", None)
+            if grads is None:
+                raise RuntimeError(
+                    "tritonize.linear_cross_entropy: backward ran twice through the same graph; the "
+                    "gradients are computed in the forward and scaled in place (no retain_graph)"
+                )
+            ctx.grads = None
+            dh, dw, db = grads
+            for g in (dh, dw, db):
+                if g is not None and g.numel():
+                    g2 = g if g.dim() > 1 else g.view(1, -1)
+                    scale_rows_(g2, grad_loss.reshape(()).expand(g2.shape[:-1]))
+        return dh, dw, None, db, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +426,19 @@ def linear_cross_entropy(
         need_fwd = (False, False, False)  # the backward recomputes (see the module doc)
     else:
         need_fwd = (need_dh, need_dw, need_db)
+    if eager_fast_path(hidden) and type(weight) is torch.Tensor:
+        if grad_on and (need_dh or need_dw or need_db):
+            return _LinearCrossEntropyFn.apply(
+                hidden, weight, target, bias, norm_t, ignore_index, reduction, scale, float(label_smoothing),
+                None if logit_softcap is None else float(logit_softcap), chunk_size,
+            )  # fmt: skip
+        loss, _, _, _ = linear_cross_entropy_forward(
+            rows_2d(hidden), weight, target.reshape(-1), bias, ignore_index=ignore_index, reduction=reduction,
+            scale=scale, normalizer=norm_t, label_smoothing=float(label_smoothing),
+            softcap=None if logit_softcap is None else float(logit_softcap), need_dh=False, need_dw=False,
+            need_db=False, chunk_size=chunk_size,
+        )  # fmt: skip
+        return loss.view(target.shape) if reduction == "none" else loss.sum()
     loss, _, _, _ = _lce_fwd_op(
         hidden, weight, target, bias, norm_t, None, ignore_index, reduction, scale, float(label_smoothing),
         None if logit_softcap is None else float(logit_softcap), *need_fwd, chunk_size or 0,

@@ -16,8 +16,9 @@ the script. The hook is generic — not a line of per-model code:
   tritonized, every tritonized `PreTrainedModel` inside it is untritonized again, so only the
   outermost model runs through the fuser (its capture already covers the inner one).
 - `TRITONIZE=0` (or `false`/`off`/`no`) turns the hook off: `install()` does nothing.
-- At exit, `summary()` — printed by the launcher to stderr — lists every tritonized model still
-  alive with its fused/skipped counts.
+- At exit, `summary()` — printed by the launcher to stderr — lists every model the hook
+  tritonized with its fused/skipped counts (models are held weakly, their reports strongly, so a
+  model built inside `main()` and gone by exit is still listed).
 
 Options for `tritonize()` come from `install(**options)` (the launcher passes `--rest` etc.).
 If `transformers` is never imported by the script, nothing is patched and nothing is printed
@@ -43,10 +44,10 @@ _state = {
     "errors": [],  # (model class name, message) for models tritonize() refused
 }
 _pending: list = []  # models built inside a from_pretrained/from_config call, tritonized at its end
-# Weak: the launcher must not keep a model alive (a script that builds models in a loop must not
-# leak). Each entry: id -> (weakref, class name, order)
-_models: dict[int, tuple] = {}
-_counter = [0]
+# One record per model the hook tritonized, in build order. The model is held weakly (a script
+# that builds models in a loop must not leak them); its report is held strongly, so the exit
+# summary still covers a model that went out of scope (the usual `def main(): model = ...`).
+_records: list[dict] = []
 
 
 def enabled() -> bool:
@@ -59,12 +60,19 @@ def enabled() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _record_of(module):
+    for rec in _records:
+        if rec["ref"]() is module:
+            return rec
+    return None
+
+
 def _is_ours(module) -> bool:
-    return id(module) in _models and _models[id(module)][0]() is module
+    return _record_of(module) is not None
 
 
 def _forget(module) -> None:
-    _models.pop(id(module), None)
+    _records[:] = [r for r in _records if r["ref"]() is not module]
 
 
 def _tritonize_model(model) -> None:
@@ -77,8 +85,8 @@ def _tritonize_model(model) -> None:
         return
     # A model nested in one already tritonized (a submodel built after its parent, rare) is left
     # alone: the parent's capture covers it.
-    for ref, _, _ in list(_models.values()):
-        parent = ref()
+    for rec in _records:
+        parent = rec["ref"]()
         if parent is not None and parent is not model and any(m is model for m in parent.modules()):
             return
     try:
@@ -88,9 +96,13 @@ def _tritonize_model(model) -> None:
         if os.environ.get("TRITONIZE_LOG", "").lower() == "debug":
             print(f"tritonize: {type(model).__name__} not tritonized: {e}", file=sys.stderr)
         return
-    _counter[0] += 1
-    _models[id(model)] = (weakref.ref(model), type(model).__name__, _counter[0])
-    weakref.finalize(model, _models.pop, id(model), None)
+    from . import report as _report
+
+    try:
+        rep = _report(model)
+    except Exception:
+        rep = None
+    _records.append({"ref": weakref.ref(model), "name": type(model).__name__, "report": rep})
     # Dedupe: inner PreTrainedModels tritonized earlier (their post_init ran first) go back to eager;
     # the outer model's capture traces through them.
     for sub in model.modules():
@@ -178,8 +190,6 @@ class _TransformersFinder:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.TARGET:
             return None
-        import importlib.machinery
-
         # Let the normal finders locate the module, then wrap its loader.
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -254,12 +264,7 @@ def uninstall() -> None:
 
 def tritonized_models() -> list:
     """The live models the hook tritonized (outermost only), in build order."""
-    live = []
-    for ref, _, order in sorted(_models.values(), key=lambda e: e[2]):
-        m = ref()
-        if m is not None:
-            live.append(m)
-    return live
+    return [m for m in (r["ref"]() for r in _records) if m is not None]
 
 
 def _counts(rep) -> tuple[int, int]:
@@ -271,22 +276,19 @@ def _counts(rep) -> tuple[int, int]:
 
 
 def summary(verbose: bool = False) -> str:
-    """One line per tritonized model: fused/skipped counts (the full report with verbose=True)."""
-    from . import report as _report
+    """One line per tritonized model: fused/skipped counts (the full report with verbose=True).
 
-    lines = []
-    models = tritonized_models()
-    if not models and not _state["errors"]:
+    Covers every model the hook tritonized, including those already garbage-collected."""
+    if not _records and not _state["errors"]:
         return "tritonize: no transformers model was built; nothing tritonized"
-    lines.append(f"tritonize: {len(models)} model(s) tritonized")
-    for m in models:
-        try:
-            rep = _report(m)
-        except Exception as e:
-            lines.append(f"  {type(m).__name__}: no report ({type(e).__name__}: {e})")
+    lines = [f"tritonize: {len(_records)} model(s) tritonized"]
+    for rec in _records:
+        rep = rec["report"]
+        if rep is None:
+            lines.append(f"  {rec['name']}: no report")
             continue
         fused, skipped = _counts(rep)
-        line = f"  {type(m).__name__}: {fused} site(s) fused, {skipped} skipped, {rep.captures} graph(s) captured"
+        line = f"  {rec['name']}: {fused} site(s) fused, {skipped} skipped, {rep.captures} graph(s) captured"
         if rep.fallback:
             line += f"; runs UNMODIFIED: {rep.fallback}"
         lines.append(line)

@@ -1,7 +1,11 @@
 """Fused linear->activation and gated MLP, forward and forward+backward: tritonize vs torch eager
 vs torch.compile vs Liger's SwiGLU.
 
-    python -m benchmarks.bench_linear_act [--quick] [--out table.md]
+    python -m benchmarks.bench_linear_act [--quick] [--out table.md] [--warm]
+
+--warm runs every implementation once (forward, forward+backward) and measures nothing: it fills
+Triton's and Inductor's on-disk caches (and runs every autotune candidate once), so a following
+timed run spends its time timing, not compiling. It can run beside other GPU work.
 
 bf16, tokens M=8192, the MLP up-projections of
     GPT-2      768 -> 3072   linear + bias + gelu_tanh
@@ -15,11 +19,14 @@ Rows per shape:
   eager            F.linear + activation (gated: F.silu(F.linear(x, Wg)) * F.linear(x, Wu))
   compile          torch.compile of the eager function
   liger            LigerSiLUMulFunction on the two F.linear outputs (how Liger's MLP runs)
-  tritonize        linear_act / gated_linear (Triton GEMM + fused epilogue; dZ kernel + cuBLAS)
+  tritonize        linear_act / gated_linear as shipped (FORWARD_IMPL="auto": fused Triton forward
+                   for small calls, cuBLAS + element-wise for large ones; dZ kernel + cuBLAS bwd)
   matmul_only      the same GEMMs on cuBLAS with no activation at all: the shape's own ceiling
 ablation rows (the two design choices in tritonize/kernels/linear_act.py):
   tritonize_recompute   SAVE_PRE=False: Z recomputed in backward by the GEMM (GPT-2 shape)
+  tritonize_triton_fwd  FORWARD_IMPL="triton": the fused Triton GEMM + epilogue forward
   tritonize_cublas_fwd  FORWARD_IMPL="cublas": cuBLAS GEMM(s) + element-wise epilogue kernel
+  tritonize_tma         FORWARD_IMPL="tma": the Triton forward with TMA-descriptor tile loads
 Targets (issue 3), on each tritonize row: fwd+bwd >= 1.05x eager, >= 0.95x compile, >= 60% of
 the measured bf16 matmul ceiling, peak memory <= eager.
 """
@@ -92,19 +99,38 @@ def _impls(act, gated):
     return la, impls
 
 
+def _tuned_config(la, gated, M, N, K):
+    """The forward kernel's autotuned config (the last one chosen), or '' for the cuBLAS forward."""
+    impl = la._forward_impl(M, N, K, 1 + gated)
+    if impl == "cublas":
+        return "cublas"
+    if impl == "tma":
+        kernel = la._gated_linear_fwd_tma_kernel if gated else la._linear_act_fwd_tma_kernel
+    else:
+        kernel = la._gated_linear_fwd_kernel if gated else la._linear_act_fwd_kernel
+    best = getattr(kernel, "best_config", None)
+    if best is None:
+        return ""
+    kw = best.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} g{kw['GROUP_M']} s{best.num_stages} w{best.num_warps}"
+
+
 def _outputs(y):
     return y if isinstance(y, tuple) else (y,)
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--warm", action="store_true", help="run everything once, time nothing (fills compile caches)")
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_linear_act needs a CUDA GPU; none found, nothing measured.", file=sys.stderr)
         return 0
     bench = Bench("linear_act")
     dtype, M = torch.bfloat16, 8192
-    ceiling = matmul_tflops()
-    bench.row(op="ceiling", impl="bf16 matmul 8192^3", fwd_bwd_tflops=ceiling)
+    ceiling = 1.0 if args.warm else matmul_tflops()
+    if not args.warm:
+        bench.row(op="ceiling", impl="bf16 matmul 8192^3", fwd_bwd_tflops=ceiling)
     shapes = SHAPES[:2] if args.quick else SHAPES
     for name, K, N, act, gated, has_bias in shapes:
         la, impls = _impls(act, gated)
@@ -121,8 +147,10 @@ def main(argv=None):
         if not args.quick:
             if not gated:
                 runs.append(("tritonize_recompute", impls["tritonize"], {"SAVE_PRE": False}))
+            runs.append(("tritonize_triton_fwd", impls["tritonize"], {"FORWARD_IMPL": "triton"}))
             runs.append(("tritonize_cublas_fwd", impls["tritonize"], {"FORWARD_IMPL": "cublas"}))
-        ref = {}
+            runs.append(("tritonize_tma", impls["tritonize"], {"FORWARD_IMPL": "tma"}))
+        ref, ref_out = {}, {}
         for impl, fn, switches in runs:
             base = dict(op="gated_linear" if gated else "linear_act", impl=impl, shape=shape, model=name, act=act)
             saved = {k: getattr(la, k) for k in switches}
@@ -138,14 +166,29 @@ def main(argv=None):
                     outs = _outputs(fn(*inputs))
                     return torch.autograd.grad(outs, leaves, [dy] * len(outs))
 
+                if args.warm:  # same order as the timed run: autotune on the training variant
+                    fwd_bwd()
+                    fwd()
+                    torch.cuda.synchronize()
+                    bench.row(**base, warm="ok")
+                    continue
+                fwd_bwd()  # first call: autotune (if any) on the training variant (Z / G, U stored)
+                err = None
+                if impl != "matmul_only":
+                    y = _outputs(fwd())[0].float()
+                    ref_out.setdefault("eager", y)
+                    err = ((y - ref_out["eager"]).abs().max() / ref_out["eager"].abs().max()).item()
+                    del y
                 ms_f = time_ms(fwd)
                 ms_fb = time_ms(fwd_bwd)
                 peak = peak_memory_bytes(fwd_bwd)
                 tf_fb = 3 * fwd_flops / ms_fb * 1e-9
                 row = dict(
                     fwd_ms=ms_f, fwd_tflops=fwd_flops / ms_f * 1e-9, fwd_bwd_ms=ms_fb, fwd_bwd_tflops=tf_fb,
-                    pct_of_matmul=100 * tf_fb / ceiling, peak_mb=peak / 2**20,
+                    pct_of_matmul=100 * tf_fb / ceiling, peak_mb=peak / 2**20, max_rel_err_vs_eager=err,
                 )  # fmt: skip
+                if impl.startswith("tritonize"):
+                    row["fwd_config"] = _tuned_config(la, gated, M, N, K)
                 ref[impl] = row
                 if impl.startswith("tritonize") and "eager" in ref:
                     row["vs_eager"] = ref["eager"]["fwd_bwd_ms"] / ms_fb
@@ -169,11 +212,13 @@ def main(argv=None):
                 for k, v in saved.items():
                     setattr(la, k, v)
                 torch.cuda.empty_cache()
-        del x, ws, b, inputs, leaves, dy
+        del x, ws, b, inputs, leaves, dy, ref_out
         torch.cuda.empty_cache()
+    if args.warm:
+        return 0
     text = bench.table(
         ["impl", "model", "shape", "act", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms", "pct_of_matmul",
-         "vs_eager", "vs_compile", "peak_mb", "peak_vs_eager", "targets", "error"]
+         "vs_eager", "vs_compile", "peak_mb", "peak_vs_eager", "targets", "fwd_config", "max_rel_err_vs_eager", "error"]
     )  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:

@@ -155,7 +155,8 @@ def test_partial_grads_1d_and_empty(device):
 
 
 def test_ablation_paths(device, monkeypatch):
-    """The recompute backward (SAVE_PRE=False) and the cuBLAS+element-wise forward are correct too."""
+    """The recompute backward (SAVE_PRE=False), the cuBLAS+element-wise forward and the TMA forward
+    are correct too."""
     dtype = torch.float16
     x, (w, wg, wu), b = _make((9, 17), 33, dtype, device, n_w=3)
     dy = torch.randn(9, 33, device=device).to(dtype)
@@ -166,6 +167,23 @@ def test_ablation_paths(device, monkeypatch):
                [x, w, b], dy, ["x", "weight", "bias"], f"save_pre={save_pre} fwd={fwd}")  # fmt: skip
     _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
            [x, wg, wu], dy, ["x", "w_gate", "w_up"], "gated cublas fwd")  # fmt: skip
+    # "auto" (the default): fused Triton forward for small calls, cuBLAS + element-wise for large
+    monkeypatch.setattr(la, "FORWARD_IMPL", "auto")
+    assert la._forward_impl(9, 33, 17, 1) == la._forward_impl(8192, 3072, 768, 1) == "triton"  # GPT-2 MLP
+    assert la._forward_impl(8192, 8192, 2048, 2) == la._forward_impl(8192, 14336, 4096, 2) == "cublas"  # Llama
+    # TMA forward: needs 16-byte aligned rows (K=24 in fp16), tails in M, N and K (K=24 is not a
+    # multiple of the interpreter's BLOCK_K=16: the descriptor zero-fills); K=17 falls back
+    monkeypatch.setattr(la, "SAVE_PRE", True)
+    monkeypatch.setattr(la, "FORWARD_IMPL", "tma")
+    assert la.TensorDescriptor is None or la._tma_ok(torch.empty(9, 24, device=device, dtype=dtype))
+    assert not la._tma_ok(x.view(9, 17))
+    for xs, n in [((9, 24), 40), ((9, 17), 33)]:
+        x, (w, wg, wu), b = _make(xs, n, dtype, device, n_w=3)
+        dy = torch.randn(xs[0], n, device=device).to(dtype)
+        _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+               [x, w, b], dy, ["x", "weight", "bias"], f"tma fwd {xs}")  # fmt: skip
+        _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
+               [x, wg, wu], dy, ["x", "w_gate", "w_up"], f"gated tma fwd {xs}")  # fmt: skip
 
 
 def test_reference_path_of_the_ops(device, monkeypatch):

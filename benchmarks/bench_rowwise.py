@@ -21,11 +21,30 @@ Bytes counted = the minimum traffic of the op, not what an implementation happen
               bwd: read y, dy; write dx                     = 3*R*N*e
 fwd+bwd counts the sum. GB/s = bytes / time; "% copy" = GB/s over the device-to-device copy
 bandwidth (read + write) measured in this same run by `copy_bandwidth_gbps()`.
+
+Two more columns, from a second "queued" measurement (`queued_time`): the GPU is first given
+~20 ms of work (torch.cuda._sleep), so the CPU enqueues all the timed calls before the GPU
+reaches them, as in a training step where the CPU runs ahead of the GPU.
+- gpu_ms: device time per call with no launch gaps (what the op costs inside a step whose
+  other ops, e.g. GEMMs, keep the GPU busy while Python launches this one);
+- cpu_us: CPU time per call (Python + launches). `ms` above is the standard do_bench figure,
+  which starts each call with an idle GPU and so includes any launch time the GPU waits for:
+  when cpu_us/1000 > gpu_ms the op is launch-bound in isolation.
+
+torch.compile rows: `torch._functorch.config.donated_buffer = False` below. With donated
+buffers (the default) a compiled backward may reuse the saved activations' memory, so it refuses
+a second backward through the same graph; the "bwd" row replays one fixed graph
+(retain_graph=True), which it then rejects. Turning the option off only costs that memory reuse
+(an allocation, not a kernel), so the timed kernels are the same as in a training step.
+
+`--sweep` times launch alternatives of our kernels (gpu_ms of the launchers, no autograd) to
+choose the defaults in tritonize/kernels/_norm_common.py and softmax.py.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 import torch
@@ -123,6 +142,34 @@ def _bytes(op, r, n):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
+SLEEP_CYCLES = 40_000_000  # ~20 ms at H100 clocks: longer than the CPU takes to enqueue the calls
+
+
+def queued_time(fn, iters: int = 20):
+    """(gpu_ms, cpu_us, ok): device time and CPU time per call of fn with the GPU kept busy.
+
+    torch.cuda._sleep queues SLEEP_CYCLES of GPU work first, so the CPU enqueues all `iters` calls
+    before the GPU reaches the first: the events then time the kernels back to back (no L2 flush
+    between calls; inputs of 32+ MB mostly miss L2 anyway). ok is False when the CPU took longer
+    than the sleep, i.e. gpu_ms may still include launch gaps.
+    """
+    fn()
+    torch.cuda.synchronize()
+    before, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    before.record()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    cpu_s = time.perf_counter() - t0
+    end.record()
+    torch.cuda.synchronize()
+    gpu_ms = start.elapsed_time(end) / iters
+    # the sleep must still have been running when the CPU finished enqueueing
+    return gpu_ms, cpu_s / iters * 1e6, cpu_s * 1e3 < before.elapsed_time(start)
+
+
 def bench_one(b: Bench, op, shape, impl, build, copy_gbps, torch_ms, rep):
     r, n = shape
     sname = f"{r}x{n}"
@@ -142,7 +189,12 @@ def bench_one(b: Bench, op, shape, impl, build, copy_gbps, torch_ms, rep):
         for pas, fn in fns.items():
             ms = time_ms(fn, warmup=10, rep=rep)
             gbps = nbytes[pas] / (ms * 1e-3) / 1e9
-            row = dict(op=op, shape=sname, impl=impl, **{"pass": pas}, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
+            gpu_ms, cpu_us, ok = queued_time(fn)
+            row = dict(op=op, shape=sname, impl=impl, **{"pass": pas}, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                       gpu_ms=gpu_ms, gpu_pct_copy=100 * nbytes[pas] / (gpu_ms * 1e-3) / 1e9 / copy_gbps,
+                       cpu_us=cpu_us)  # fmt: skip
+            if not ok:
+                row["note"] = "cpu slower than the queued sleep: gpu_ms includes launch gaps"
             if impl == "torch":
                 torch_ms[(op, sname, pas)] = ms
             elif (op, sname, pas) in torch_ms:
@@ -156,19 +208,107 @@ def bench_one(b: Bench, op, shape, impl, build, copy_gbps, torch_ms, rep):
     torch.cuda.empty_cache()
 
 
+def _sweep_row(b, op, shape, cfg, pas, fn, nbytes, copy_gbps):
+    try:
+        gpu_ms, cpu_us, ok = queued_time(fn, iters=10)
+        b.row(op=op + "-sweep", shape=f"{shape[0]}x{shape[1]}", impl=cfg, **{"pass": pas}, gpu_ms=gpu_ms,
+              gpu_pct_copy=100 * nbytes / (gpu_ms * 1e-3) / 1e9 / copy_gbps, cpu_us=cpu_us,
+              **({} if ok else {"note": "launch-bound"}))  # fmt: skip
+    except Exception as e:  # a config that fails to compile is a row, not a crash
+        b.row(op=op + "-sweep", shape=f"{shape[0]}x{shape[1]}", impl=cfg, **{"pass": pas},
+              error=f"{type(e).__name__}: {e}"[:200])  # fmt: skip
+
+
+def norm_sweep(b: Bench, copy_gbps):
+    """Launch alternatives of the LayerNorm / RMSNorm launchers, timed on the GPU only.
+
+    Knobs (tritonize/kernels/_norm_common.py): CONFIG_OVERRIDE[(kind, BLOCK_N)] = (ROWS, warps)
+    for the register-resident kernels; BWD_PROGRAMS_PER_SM (persistent backward grid);
+    LN_FWD_FUSED_MAX / FWD_LOOP / BWD_LOOP / LOOP_PROGRAMS_PER_SM for 32K-wide rows.
+    """
+    from tritonize.kernels import _norm_common as nc
+    from tritonize.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+    from tritonize.kernels.rms_norm import rms_norm_backward, rms_norm_forward
+
+    saved = {k: getattr(nc, k) for k in ("LN_FWD_FUSED_MAX", "FWD_LOOP", "BWD_LOOP", "LOOP_PROGRAMS_PER_SM",
+                                          "BWD_PROGRAMS_PER_SM")}  # fmt: skip
+
+    def setknobs(override=None, **knobs):
+        for k, v in saved.items():
+            setattr(nc, k, knobs.get(k, v))
+        nc.CONFIG_OVERRIDE.clear()
+        nc.CONFIG_OVERRIDE.update(override or {})
+        nc.clear_config_cache()
+
+    for op in ("layer_norm", "rms_norm"):
+        ln = op == "layer_norm"
+        k = "ln" if ln else "rms"
+        for r, n in [(4096, 8192), (8192, 4096)]:
+            x, w, *rest = (t.detach() for t in _inputs(op, r, n))
+            b_ = rest[0] if rest else None
+            dy = torch.randn_like(x)
+            nb = _bytes(op, r, n)
+            if ln:
+                fwd = lambda: layer_norm_forward(x, w, b_, EPS)  # noqa: E731
+                _, _, mean, rstd = layer_norm_forward(x, w, b_, EPS)
+                bwd = lambda: layer_norm_backward(dy, x, w, mean, rstd, compute_dw=True, compute_db=True)  # noqa: E731
+            else:
+                fwd = lambda: rms_norm_forward(x, w, EPS)  # noqa: E731
+                _, _, rstd = rms_norm_forward(x, w, EPS)
+                bwd = lambda: rms_norm_backward(dy, x, w, rstd, compute_dw=True)  # noqa: E731
+            fwd_cfgs = [(1, 4), (1, 8), (1, 16), (2, 8), (2, 16)] if ln else [(1, 4), (1, 8), (1, 16)]
+            for rows, warps in [(None, None)] + fwd_cfgs:
+                setknobs({(f"{k}_fwd", n): (rows, warps)} if rows else None)
+                _sweep_row(b, op, (r, n), f"default {nc.row_config(n, 1 << 30, (0, 0), k + '_fwd')[1:3]}"
+                           if rows is None else f"rows={rows} warps={warps}", "fwd", fwd, nb["fwd"], copy_gbps)
+            bwd_warps = (4, 8, 16) if n <= 4096 else (8, 16, 32)
+            for warps in (None,) + bwd_warps:
+                for per_sm in (None, 1, 2):
+                    setknobs({(f"{k}_bwd", n): (1, warps)} if warps else None, BWD_PROGRAMS_PER_SM=per_sm)
+                    cfg = f"warps={warps or 'default'} per_sm={per_sm or 'auto'}"
+                    _sweep_row(b, op, (r, n), cfg, "bwd", bwd, nb["bwd"], copy_gbps)
+            setknobs()
+            del x, w, b_, dy
+        # 32K-wide rows: looped kernels (and, for the LN forward, the register-resident one)
+        r, n = 4096, 32768
+        x, w, *rest = (t.detach() for t in _inputs(op, r, n))
+        b_ = rest[0] if rest else None
+        dy = torch.randn_like(x)
+        nb = _bytes(op, r, n)
+        if ln:
+            _, _, mean, rstd = layer_norm_forward(x, w, b_, EPS)
+            fwd = lambda: layer_norm_forward(x, w, b_, EPS)  # noqa: E731
+            bwd = lambda: layer_norm_backward(dy, x, w, mean, rstd, compute_dw=True, compute_db=True)  # noqa: E731
+            fwd_alts = [dict(), dict(FWD_LOOP=(8192, 16)), dict(FWD_LOOP=(8192, 16), LOOP_PROGRAMS_PER_SM=4),
+                        dict(FWD_LOOP=(16384, 32), LOOP_PROGRAMS_PER_SM=1),
+                        dict(LN_FWD_FUSED_MAX=32768), dict(LN_FWD_FUSED_MAX=32768, override={("ln_fwd", 32768): (1, 16)})]
+            for alt in fwd_alts:
+                alt = dict(alt)
+                setknobs(alt.pop("override", None), **alt)
+                _sweep_row(b, op, (r, n), str(alt) if alt else "default", "fwd", fwd, nb["fwd"], copy_gbps)
+        else:
+            _, _, rstd = rms_norm_forward(x, w, EPS)
+            bwd = lambda: rms_norm_backward(dy, x, w, rstd, compute_dw=True)  # noqa: E731
+        for alt in [dict(), dict(LOOP_PROGRAMS_PER_SM=4), dict(BWD_LOOP=(4096, 8)), dict(BWD_LOOP=(4096, 8), LOOP_PROGRAMS_PER_SM=4),
+                    dict(BWD_LOOP=(16384, 32))]:  # fmt: skip
+            setknobs(**alt)
+            _sweep_row(b, op, (r, n), str(alt) if alt else "default", "bwd", bwd, nb["bwd"], copy_gbps)
+        setknobs()
+        del x, w, b_, dy
+        torch.cuda.empty_cache()
+
+
 SWEEP = [  # (max_block, loop_block, num_warps); None = the launcher's default
     (None, None, None),
-    *[(None, None, w) for w in (4, 8, 16, 32)],
+    *[(None, None, w) for w in (8, 16, 32)],
     (16384, 8192, None),
     (8192, 8192, None),
-    (8192, 4096, None),
-    (4096, 4096, None),
     (16384, 16384, 16),
 ]
 
 
-def softmax_sweep(b: Bench, copy_gbps, rep):
-    """Launch-config sweep of the softmax launchers (no autograd), to choose the defaults."""
+def softmax_sweep(b: Bench, copy_gbps):
+    """Launch-config sweep of the softmax launchers (no autograd, GPU time), to choose the defaults."""
     from tritonize.kernels import softmax as S
 
     for r, n in [(4096, 8192), (4096, 32768)]:
@@ -179,18 +319,9 @@ def softmax_sweep(b: Bench, copy_gbps, rep):
         for mb, lb, w in SWEEP:
             kw = dict(max_block=mb or S.MAX_BLOCK, loop_block=lb or S.LOOP_BLOCK, num_warps=w)
             cfg = f"max_block={kw['max_block']} loop_block={kw['loop_block']} warps={w or 'auto'}"
-            for pas, fn in [
-                ("fwd", lambda: S.softmax_forward(x, -1, **kw)),
-                ("bwd", lambda: S.softmax_backward(y, dy, -1, **kw)),
-            ]:
-                try:
-                    fn()
-                    ms = time_ms(fn, warmup=10, rep=rep)
-                    gbps = nbytes[pas] / (ms * 1e-3) / 1e9
-                    b.row(op="softmax-sweep", shape=f"{r}x{n}", impl=cfg, **{"pass": pas}, ms=ms, gbps=gbps,
-                          pct_copy=100 * gbps / copy_gbps)  # fmt: skip
-                except Exception as e:
-                    b.row(op="softmax-sweep", shape=f"{r}x{n}", impl=cfg, **{"pass": pas}, error=f"{type(e).__name__}: {e}"[:200])
+            _sweep_row(b, "softmax", (r, n), cfg, "fwd", lambda: S.softmax_forward(x, -1, **kw), nbytes["fwd"], copy_gbps)
+            _sweep_row(b, "softmax", (r, n), cfg, "bwd", lambda: S.softmax_backward(y, dy, -1, **kw), nbytes["bwd"],
+                       copy_gbps)  # fmt: skip
         del x, dy, y
         torch.cuda.empty_cache()
 
@@ -199,12 +330,18 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--impls", default="tritonize,torch,torch.compile,liger", help="comma-separated implementations")
-    p.add_argument("--sweep", action="store_true", help="also sweep softmax launch configs (block caps, warps)")
+    p.add_argument("--shapes", default=None, help="comma-separated RxN shapes (default: all of SHAPES)")
+    p.add_argument("--sweep", action="store_true", help="only sweep our launch configs (block caps, rows, warps, grids)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad:
         p.error(f"unknown op(s) {bad}; choose from {OPS}")
+    # see the module docstring: lets the "bwd" row replay one compiled graph (retain_graph=True).
+    # Set before the GPU check so that a CPU run exercises it too.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     if not torch.cuda.is_available():
         print("bench_rowwise needs a CUDA GPU; none found, nothing measured.")
         return 0
@@ -215,22 +352,34 @@ def main(argv=None):
     wanted = [i.strip() for i in args.impls.split(",")]
     builders = {k: v for k, v in builders.items() if k in wanted}
     # torch eager first: the others report their speed-up over it
-    order = ["torch"] + [k for k in builders if k != "torch"]
+    order = ["torch", "tritonize", "liger", "torch.compile"]  # compile last: slowest to set up
     builders = {k: builders[k] for k in order if k in builders}
 
     shapes = SHAPES[1:3] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rep = 30 if args.quick else 60
     b = Bench("rowwise")
     copy_gbps = copy_bandwidth_gbps()
     b.row(op="copy", shape="1 GiB", impl="torch", **{"pass": "copy"}, gbps=copy_gbps, pct_copy=100.0)
+    if args.sweep:
+        if "layer_norm" in ops or "rms_norm" in ops:
+            norm_sweep(b, copy_gbps)
+        if "softmax" in ops:
+            softmax_sweep(b, copy_gbps)
+        cols = ["op", "shape", "impl", "pass", "gpu_ms", "gpu_pct_copy", "cpu_us", "note", "error"]
+        text = b.table(cols, title="row-wise launch sweep, bf16, GPU time (queued)")
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text)
+        return 0
     torch_ms = {}
     for op in ops:
         for shape in shapes:
             for impl, build in builders.items():
                 bench_one(b, op, shape, impl, build, copy_gbps, torch_ms, rep)
-    if args.sweep:
-        softmax_sweep(b, copy_gbps, rep)
-    cols = ["op", "shape", "impl", "pass", "ms", "gbps", "pct_copy", "vs_torch", "error"]
+    cols = ["op", "shape", "impl", "pass", "ms", "gbps", "pct_copy", "vs_torch", "gpu_ms", "gpu_pct_copy", "cpu_us",
+            "note", "error"]  # fmt: skip
     text = b.table(cols, title="row-wise kernels, bf16 (GB/s = minimum traffic / time)")
     if args.out:
         with open(args.out, "w") as fh:

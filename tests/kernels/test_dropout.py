@@ -26,11 +26,31 @@ def _check_fwd_bwd(x, p, seed, dy=None):
     keep = y != 0  # x has no exact zeros
     expect = (x.detach().float() * scale).to(x.dtype)
     _equal(y[keep], expect[keep], "kept values are not x / (1 - p)")
-    dy = torch.randn(x.shape, dtype=x.dtype, device=x.device) if dy is None else dy
+    if dy is None:
+        dy = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        # randn returns exact zeros now and then (CUDA's Box-Muller maps a uniform that rounds to
+        # 1.0f to 0: ~3e-8 per pair, a few % of 1.4M-element tensors); a kept unit with dy == 0
+        # would then read as "dropped in backward". The mask check needs dy != 0, like x != 0.
+        dy[dy == 0] = 1.0
     y.backward(dy)
-    assert torch.equal(xk.grad != 0, keep), "backward mask differs from the forward mask"
+    _same_mask(xk.grad != 0, keep, dy)
     _equal(xk.grad[keep], (dy.float() * scale).to(x.dtype)[keep], "kept gradients are not dy / (1 - p)")
     return keep
+
+
+def _same_mask(bwd_keep, fwd_keep, dy):
+    """Backward mask == forward mask; else say how many elements differ, where, and in which way."""
+    if torch.equal(bwd_keep, fwd_keep):
+        return
+    diff = bwd_keep != fwd_keep
+    idx = diff.nonzero()
+    n_fwd_only = int((diff & fwd_keep).sum())
+    n_dy0 = int((diff & (dy.expand_as(diff) == 0)).sum())
+    raise AssertionError(
+        f"backward mask differs from the forward mask at {idx.shape[0]} of {diff.numel()} elements "
+        f"({n_fwd_only} kept in forward only, {idx.shape[0] - n_fwd_only} in backward only; dy == 0 at "
+        f"{n_dy0} of them); shape {tuple(diff.shape)}, first indices {idx[:8].tolist()}"
+    )
 
 
 def _equal(got, want, msg):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels._common import device_sms
+from tritonize.kernels._common import device_sms, rows_2d
 
 # Launch knobs. Chosen from register budgets (64K 32-bit registers per SM; register and spill
 # counts read from ptxas for sm_90 bf16 builds), not yet from timings. The tests shrink them to
@@ -41,6 +42,9 @@ BWD_LOOP = (8192, 16)
 # Programs per SM for the looped kernels: few, so each program's row (re-read in the next pass)
 # is still in L2: 2 per SM x 132 SMs x 32768 x (x + dy) bf16 = 34 MB < 50 MB L2.
 LOOP_PROGRAMS_PER_SM = 2
+# Programs per SM of the persistent fused backward; None = as many as the register estimate in
+# `persistent_grid` fits (the sweep in benchmarks/bench_rowwise.py times 1 and 2 against it).
+BWD_PROGRAMS_PER_SM = None
 
 
 @triton.jit
@@ -143,26 +147,77 @@ def _norm_dwdb_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv without its constexpr_function wrapper (~5 us a call in Python)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """triton.next_power_of_2 without its constexpr_function wrapper; 1 for n <= 1."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def as_rows(t: torch.Tensor):
+    """(t2, rows, row_stride): t as rows of its last dim with unit inner stride, for a kernel that
+    takes a base pointer and a row stride. A contiguous t is passed as is (no view: each view op
+    costs microseconds on the launch path); otherwise `rows_2d` (a view, or a copy when the last
+    dim is not unit-stride)."""
+    n = t.shape[-1]
+    if t.is_contiguous():
+        return t, (t.numel() // n if n else math.prod(t.shape[:-1])), n
+    t2 = rows_2d(t)
+    return t2, t2.shape[0], t2.stride(0)
+
+
 def vec(t):
     """A (N,) parameter the kernels index as contiguous: a strided view is copied (N elements)."""
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def device_ctx(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device), so cuda:1 tensors work."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU (Triton launches on the current device), so cuda:1 tensors work.
+
+    A `torch.cuda.device(...)` context costs ~10 us of CPU per call (two device exchanges), a
+    real share of a row-wise op's launch path; it is entered only when t is not on the current
+    device (the usual case needs none). A reusable nullcontext otherwise.
+    """
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_SWITCH
 
 
-def row_config(n: int, fused_max: int, loop: tuple[int, int]) -> tuple[int, int, int, bool]:
+# Per-kernel launch overrides, {(kind, BLOCK_N): (ROWS, num_warps)} with kind in "ln_fwd",
+# "ln_bwd", "rms_fwd", "rms_bwd": set by benchmarks/bench_rowwise.py --sweep to time
+# alternatives (call `clear_config_cache()` after changing it), and where an H100 sweep picked a
+# config other than the rule in `_fused_config`.
+CONFIG_OVERRIDE: dict = {}
+
+
+def row_config(n: int, fused_max: int, loop: tuple[int, int], kind: str = "") -> tuple[int, int, int, bool]:
     """(BLOCK_N, ROWS, num_warps, LOOP) for a row-wise kernel over rows of width n.
 
     Rows up to `fused_max` are held whole in registers (BLOCK_N = next power of two); narrow rows
     are batched ROWS to a program so each program still moves ~4K elements (enough bytes in
     flight per SM). Wider rows loop over chunks: loop = (chunk width, warps), LOOP=True, ROWS=1.
+    Cached per (n, ...): the launchers call this on every launch.
     """
+    return _row_config(n, fused_max, loop, kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_config(n, fused_max, loop, kind):
     if n > fused_max:
         return loop[0], 1, loop[1], True
-    return _fused_config(n)
+    block, rows, warps, _ = _fused_config(n)
+    rows, warps = CONFIG_OVERRIDE.get((kind, block), (rows, warps))
+    return block, rows, warps, False
+
+
+def clear_config_cache():
+    _row_config.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +239,7 @@ def persistent_grid(t: torch.Tensor, n_row_blocks: int, block_elems: int, warps:
     # (ptxas, sm_90, bf16: 128 regs at 16 values/thread for 1024x4 rows and for 8192-wide rows).
     # An overestimate of occupancy only queues a second, equal wave of programs.
     regs = (3 + n_acc) * max(1, block_elems // threads) + 40
-    per_sm = max(1, min(8, 65536 // (regs * threads)))
+    per_sm = BWD_PROGRAMS_PER_SM or max(1, min(8, 65536 // (regs * threads)))
     return max(1, min(n_row_blocks, device_sms(t) * per_sm))
 
 
@@ -201,7 +256,7 @@ def reduce_partials(dw_part, db_part, dw_out, db_out):
             db_out.zero_()
         return
     block_n = 64
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+    _sum_partials_kernel[(cdiv(n, block_n),)](
         first_p,
         db_part if second else first_p,
         first_o,
@@ -215,13 +270,14 @@ def reduce_partials(dw_part, db_part, dw_out, db_out):
     )
 
 
-def dwdb_split(x2, dy2, mean, rstd, dw_part_needed: bool, db_part_needed: bool, *, round_xhat: bool):
-    """Stage 1 for wide rows: (G, N) fp32 partials of dw/db from column tiles (any N)."""
-    m, n = x2.shape
+def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, dw_part_needed: bool, db_part_needed: bool, *,
+               round_xhat: bool):
+    """Stage 1 for wide rows: (G, N) fp32 partials of dw/db from column tiles (any N).
+    x2 / dy2: base tensors of (m, n) rows with the given row strides (see `as_rows`)."""
     block_m, block_n = 32, 128
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = cdiv(n, block_n)
     # enough programs to fill the GPU ~4 deep, but few row groups so stage 2 stays small
-    g = max(1, min(triton.cdiv(m, block_m), triton.cdiv(device_sms(x2) * 4, col_blocks)))
+    g = max(1, min(cdiv(m, block_m), cdiv(device_sms(x2) * 4, col_blocks)))
     dw_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if dw_part_needed else None
     db_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if db_part_needed else None
     dummy = rstd
@@ -234,8 +290,8 @@ def dwdb_split(x2, dy2, mean, rstd, dw_part_needed: bool, db_part_needed: bool, 
         db_part if db_part is not None else dummy,
         m,
         n,
-        x2.stride(0),
-        dy2.stride(0),
+        stride_x,
+        stride_dy,
         HAS_MEAN=mean is not None,
         ROUND_XHAT=round_xhat,
         COMPUTE_DW=dw_part_needed,

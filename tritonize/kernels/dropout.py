@@ -15,7 +15,6 @@ step would drop the same units. The launcher reads it on the CPU (no device sync
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import numbers
 
@@ -23,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_tensor, use_triton
+from ._common import INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Elements per program. The interpreter runs programs one after another (numpy underneath), so
 # there fewer, larger tiles are much faster.
@@ -106,10 +106,6 @@ def _launch_config(rows_p2: int, n: int):
     return block_r, block_n, 4
 
 
-def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
@@ -126,9 +122,9 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         md = _merge_dims(x)
     r, n, sxr, sxc = md
     # y is contiguous: (r, n) strides are (n, 1).
-    block_r, block_n, warps = _launch_config(triton.next_power_of_2(r), n)
-    grid = (triton.cdiv(r, block_r) * triton.cdiv(n, block_n),)
-    with _device(x):
+    block_r, block_n, warps = _launch_config(next_pow2(r), n)
+    grid = (cdiv(r, block_r) * cdiv(n, block_n),)
+    with device_ctx(x):
         _dropout_fwd_kernel[grid](
             x, y, seed, p, _scale(p), r, n, sxr, sxc, n, 1,
             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
@@ -183,6 +179,24 @@ def _backward(ctx, dy):
 _dropout_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _DropoutFn(torch.autograd.Function):
+    """Eager fast path (see `_common.eager_fast_path`): the launchers without the custom-op
+    dispatch layers; the seed is a plain int here (nothing traces this path)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        if use_triton(x):
+            return dropout_forward(x, p, seed)
+        return dropout_reference(x, p, seed, upcast=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if use_triton(dy):
+            return dropout_backward(dy, ctx.p, ctx.seed), None, None
+        return dropout_reference(dy, ctx.p, ctx.seed, upcast=True), None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +240,10 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: int
         check_arg("dropout", "seed", 0 <= seed < 2**63, f"must be in [0, 2**63), got {seed}")
     if not training or p == 0.0:
         return x
+    if eager_fast_path(x):
+        # the same draw from the default generator as below (torch.manual_seed governs both)
+        seed_i = int(torch.randint(0, SEED_HIGH, (), dtype=torch.int64)) if seed is None else int(seed)
+        return _DropoutFn.apply(x, float(p), seed_i)
     if seed is None:
         # new_seed() without its .item(): the same draw from the default generator, kept a tensor.
         seed_t = torch.randint(0, SEED_HIGH, (), dtype=torch.int64)

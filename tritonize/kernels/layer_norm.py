@@ -20,7 +20,13 @@ import triton.language as tl
 
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
-from tritonize.kernels._common import check_arg, check_same_device, check_tensor, rows_2d, use_triton
+from tritonize.kernels._common import (
+    check_arg,
+    check_same_device,
+    check_tensor,
+    eager_fast_path,
+    use_triton,
+)
 
 # =============================================================================================
 # 1. Triton kernels
@@ -223,24 +229,26 @@ def _layer_norm_bwd_kernel(
 
 
 def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, residual=None):
-    """Returns (y, s, mean, rstd): y like x (contiguous), s = x + residual (empty if no residual),
-    mean/rstd fp32 of shape x.shape[:-1]."""
+    """Returns (y, s, mean, rstd): y like x (contiguous), s = x + residual (None if no residual),
+    mean/rstd fp32 of shape (rows,) (rows = x.numel() / x.shape[-1])."""
     shape = x.shape
     n = shape[-1]
-    x2 = rows_2d(x)  # copies only if the last dim is not unit-stride (see rows_2d)
-    m = x2.shape[0]
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    s = torch.empty(shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
-    mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    # copies only if the last dim is not unit-stride (see rows_2d)
+    x2, m, stride_x = nc.as_rows(x)
+    # outputs contiguous whatever x's layout; stats flat (m,) (the custom op views them as
+    # x.shape[:-1]): torch.empty with a torch.Size costs several us more than with an int
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         mean.zero_()
         rstd.zero_()
         return y, s, mean, rstd
-    r2 = rows_2d(residual) if residual is not None else x2
+    r2, _, stride_r = nc.as_rows(residual) if residual is not None else (x2, m, stride_x)
     weight, bias = nc.vec(weight), nc.vec(bias)
-    block, rows, warps, loop = nc.row_config(n, nc.LN_FWD_FUSED_MAX, nc.FWD_LOOP)
-    grid = min(m, nc.device_sms(x) * nc.LOOP_PROGRAMS_PER_SM) if loop else triton.cdiv(m, rows)
+    block, rows, warps, loop = nc.row_config(n, nc.LN_FWD_FUSED_MAX, nc.FWD_LOOP, "ln_fwd")
+    grid = min(m, nc.device_sms(x) * nc.LOOP_PROGRAMS_PER_SM) if loop else nc.cdiv(m, rows)
     with nc.device_ctx(x):
         _layer_norm_fwd_kernel[(grid,)](
             x2,
@@ -253,8 +261,8 @@ def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, residual=None):
             rstd,
             m,
             n,
-            x2.stride(0),
-            r2.stride(0),
+            stride_x,
+            stride_r,
             eps,
             HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None,
@@ -275,12 +283,11 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
     shape = xin.shape
     n = shape[-1]
     compute_dw = compute_dw and weight is not None
-    x2 = rows_2d(xin)
+    x2, m, stride_x = nc.as_rows(xin)
     # An upstream gradient can arrive expanded (stride 0) or transposed: rows_2d copies it then.
-    dy2 = rows_2d(dy)
-    ds2 = rows_2d(ds) if ds is not None else dy2
-    m = x2.shape[0]
-    dx = torch.empty(shape, dtype=xin.dtype, device=xin.device)
+    dy2, _, stride_dy = nc.as_rows(dy)
+    ds2, _, stride_ds = nc.as_rows(ds) if ds is not None else (dy2, m, stride_dy)
+    dx = torch.empty_like(xin, memory_format=torch.contiguous_format)
     dw = torch.empty((n,), dtype=dw_dtype or (weight.dtype if weight is not None else xin.dtype),
                      device=xin.device) if compute_dw else None
     db = torch.empty((n,), dtype=db_dtype or xin.dtype, device=xin.device) if compute_db else None
@@ -291,14 +298,15 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
         return dx, dw, db
     weight = nc.vec(weight)
     fused_acc = (compute_dw or compute_db) and n <= nc.BWD_FUSED_MAX
-    block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP)
+    block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
+                                             "ln_bwd" if fused_acc else "ln_dx")
     if fused_acc:
-        grid = nc.persistent_grid(xin, triton.cdiv(m, rows), block * rows, warps, int(compute_dw) + int(compute_db))
+        grid = nc.persistent_grid(xin, nc.cdiv(m, rows), block * rows, warps, int(compute_dw) + int(compute_db))
     elif loop:
         # persistent, few programs: the second pass over each row then re-reads it from L2
         grid = min(m, nc.device_sms(xin) * nc.LOOP_PROGRAMS_PER_SM)
     else:
-        grid = triton.cdiv(m, rows)  # one row block per program: nothing to carry across rows
+        grid = nc.cdiv(m, rows)  # one row block per program: nothing to carry across rows
     dw_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_dw else None
     db_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_db else None
     with nc.device_ctx(xin):
@@ -314,9 +322,9 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
             db_part if db_part is not None else mean,
             m,
             n,
-            x2.stride(0),
-            dy2.stride(0),
-            ds2.stride(0),
+            stride_x,
+            stride_dy,
+            stride_ds,
             HAS_WEIGHT=weight is not None,
             HAS_DS=ds is not None,
             COMPUTE_DW=dw_part is not None,
@@ -327,7 +335,8 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
             num_warps=warps,
         )
         if (compute_dw or compute_db) and not fused_acc:
-            dw_part, db_part = nc.dwdb_split(x2, dy2, mean, rstd, compute_dw, compute_db, round_xhat=False)
+            dw_part, db_part = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw, compute_db,
+                                               round_xhat=False)
         if compute_dw or compute_db:
             nc.reduce_partials(dw_part, db_part, dw, db)
     return dx, dw, db
@@ -349,7 +358,7 @@ def _fwd_torch(x, residual, weight, bias, eps):
         y = y * weight.float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
+    return y.to(x.dtype), (s if residual is not None else None), mean, rstd
 
 
 def _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype, db_dtype):
@@ -367,6 +376,28 @@ def _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype
     return dx.to(xin.dtype), dw, db
 
 
+# The two impls below are what both entry points run: the custom ops (torch.compile, fake
+# tensors, functorch) and the eager fast path (_LayerNormFn). `s` is None without a residual.
+
+
+def _fwd_impl(x, residual, weight, bias, eps):
+    if use_triton(x):
+        return layer_norm_forward(x, weight, bias, eps, residual)
+    return _fwd_torch(x, residual, weight, bias, eps)
+
+
+def _bwd_impl(dy, ds, xin, weight, bias, mean, rstd, compute_dw, compute_db):
+    """(dx, dw, db); dw / db None when not computed."""
+    compute_dw = compute_dw and weight is not None
+    compute_db = compute_db and bias is not None
+    dw_dtype = weight.dtype if weight is not None else None
+    db_dtype = bias.dtype if bias is not None else None
+    if use_triton(xin):
+        return layer_norm_backward(dy, xin, weight, mean, rstd, ds=ds, compute_dw=compute_dw,
+                                   compute_db=compute_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
+    return _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype, db_dtype)
+
+
 @torch.library.custom_op("tritonize::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
     x: torch.Tensor,
@@ -375,9 +406,9 @@ def _layer_norm_fwd_op(
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        return layer_norm_forward(x, weight, bias, eps, residual)
-    return _fwd_torch(x, residual, weight, bias, eps)
+    y, s, mean, rstd = _fwd_impl(x, residual, weight, bias, eps)
+    # custom-op outputs cannot be None: no residual -> an empty sum; stats as x.shape[:-1]
+    return y, (s if s is not None else x.new_empty(0)), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
 @_layer_norm_fwd_op.register_fake
@@ -399,15 +430,7 @@ def _layer_norm_bwd_op(
     compute_dw: bool,
     compute_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    compute_dw = compute_dw and weight is not None
-    compute_db = compute_db and bias is not None
-    dw_dtype = weight.dtype if weight is not None else None
-    db_dtype = bias.dtype if bias is not None else None
-    if use_triton(xin):
-        dx, dw, db = layer_norm_backward(dy, xin, weight, mean, rstd, ds=ds, compute_dw=compute_dw,
-                                         compute_db=compute_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
-    else:
-        dx, dw, db = _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype, db_dtype)
+    dx, dw, db = _bwd_impl(dy, ds, xin, weight, bias, mean, rstd, compute_dw, compute_db)
     # custom-op outputs cannot be None: an absent gradient is an empty tensor
     return dx, (dw if dw is not None else xin.new_empty(0)), (db if db is not None else xin.new_empty(0))
 
@@ -417,6 +440,14 @@ def _(dy, ds, xin, weight, bias, mean, rstd, compute_dw, compute_db):
     dw = weight.new_empty(weight.shape) if compute_dw and weight is not None else xin.new_empty(0)
     db = bias.new_empty(bias.shape) if compute_db and bias is not None else xin.new_empty(0)
     return xin.new_empty(xin.shape), dw, db
+
+
+def _grads(needs, has_residual, weight, bias, dx, dw, db):
+    """Autograd's tuple for (x, residual, weight, bias, eps); d(x + residual) flows unchanged
+    into both summands."""
+    need_x, need_r, need_w, need_b = needs[:4]
+    return (dx if need_x else None, dx if (need_r and has_residual) else None,
+            dw if need_w and weight is not None else None, db if need_b and bias is not None else None, None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -429,19 +460,42 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
     xin, weight, bias, mean, rstd = ctx.saved_tensors
-    need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
+    need_w, need_b = ctx.needs_input_grad[2:4]
     if dy is None:  # only the sum output was used downstream
         dy = torch.zeros_like(xin)
     if not ctx.has_residual:
         ds = None
     dx, dw, db = _layer_norm_bwd_op(dy, ds, xin, weight, bias, mean, rstd,
                                     bool(need_w and weight is not None), bool(need_b and bias is not None))
-    # d(x + residual) flows unchanged into both summands
-    return (dx if need_x else None, dx if (need_r and ctx.has_residual) else None,
-            dw if need_w and weight is not None else None, db if need_b and bias is not None else None, None)
+    return _grads(ctx.needs_input_grad, ctx.has_residual, weight, bias, dx, dw, db)
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerNormFn(torch.autograd.Function):
+    """Eager fast path (see `_common.eager_fast_path`): the same impls as the custom ops, without
+    their dispatch layers, which cost several times the Python time of a plain autograd.Function
+    per forward+backward and leave the GPU idle at realistic sizes. Returns y, or (y, s) with a
+    residual; mean/rstd stay inside ctx (no extra outputs for autograd to track)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, s, mean, rstd = _fwd_impl(x, residual, weight, bias, eps)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(s if residual is not None else x, weight, bias, mean, rstd)
+        return (y, s) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        xin, weight, bias, mean, rstd = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[2:4]
+        if dy is None:  # only the sum output was used downstream
+            dy = torch.zeros_like(xin)
+        dx, dw, db = _bwd_impl(dy, ds if ctx.has_residual else None, xin, weight, bias, mean, rstd,
+                               bool(need_w), bool(need_b))
+        return _grads(ctx.needs_input_grad, ctx.has_residual, weight, bias, dx, dw, db)
 
 
 # =============================================================================================
@@ -491,6 +545,8 @@ def _check(op, x, residual, weight, bias, eps):
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (any leading dims); weight/bias optional. Output: x's dtype."""
     _check("layer_norm", x, None, weight, bias, eps)
+    if eager_fast_path(x):
+        return _LayerNormFn.apply(x, None, weight, bias, float(eps))
     return _layer_norm_fwd_op(x, None, weight, bias, float(eps))[0]
 
 
@@ -498,5 +554,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     """(layer_norm(x + residual), x + residual), the sum rounded to x's dtype as torch rounds it.
     Gradients flow to x, residual, weight and bias (the sum's gradient into both x and residual)."""
     _check("add_layer_norm", x, residual, weight, bias, eps)
+    if eager_fast_path(x):
+        return _LayerNormFn.apply(x, residual, weight, bias, float(eps))
     y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, float(eps))
     return y, s

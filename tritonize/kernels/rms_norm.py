@@ -21,7 +21,13 @@ import triton.language as tl
 
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
-from tritonize.kernels._common import check_arg, check_same_device, check_tensor, rows_2d, use_triton
+from tritonize.kernels._common import (
+    check_arg,
+    check_same_device,
+    check_tensor,
+    eager_fast_path,
+    use_triton,
+)
 
 # =============================================================================================
 # 1. Triton kernels
@@ -189,21 +195,23 @@ def _out_dtype(x, weight):
 
 def rms_norm_forward(x, weight=None, eps=1e-6, residual=None):
     """Returns (y, s, rstd): y of shape x.shape in promote(weight.dtype, x.dtype) (contiguous),
-    s = x + residual (empty if no residual), rstd fp32 of shape x.shape[:-1]."""
+    s = x + residual (None if no residual), rstd fp32 of shape (rows,)."""
     shape = x.shape
     n = shape[-1]
-    x2 = rows_2d(x)  # copies only if the last dim is not unit-stride (see rows_2d)
-    m = x2.shape[0]
-    y = torch.empty(shape, dtype=_out_dtype(x, weight), device=x.device)
-    s = torch.empty(shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
-    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    # copies only if the last dim is not unit-stride (see rows_2d)
+    x2, m, stride_x = nc.as_rows(x)
+    # outputs contiguous whatever x's layout; rstd flat (m,) (the custom op views it as
+    # x.shape[:-1]): torch.empty with a torch.Size costs several us more than with an int
+    y = torch.empty_like(x, dtype=_out_dtype(x, weight), memory_format=torch.contiguous_format)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         rstd.zero_()
         return y, s, rstd
-    r2 = rows_2d(residual) if residual is not None else x2
+    r2, _, stride_r = nc.as_rows(residual) if residual is not None else (x2, m, stride_x)
     weight = nc.vec(weight)
-    block, rows, warps, loop = nc.row_config(n, nc.RMS_FWD_FUSED_MAX, nc.FWD_LOOP)
-    grid = min(m, nc.device_sms(x) * nc.LOOP_PROGRAMS_PER_SM) if loop else triton.cdiv(m, rows)
+    block, rows, warps, loop = nc.row_config(n, nc.RMS_FWD_FUSED_MAX, nc.FWD_LOOP, "rms_fwd")
+    grid = min(m, nc.device_sms(x) * nc.LOOP_PROGRAMS_PER_SM) if loop else nc.cdiv(m, rows)
     with nc.device_ctx(x):
         _rms_norm_fwd_kernel[(grid,)](
             x2,
@@ -214,8 +222,8 @@ def rms_norm_forward(x, weight=None, eps=1e-6, residual=None):
             rstd,
             m,
             n,
-            x2.stride(0),
-            r2.stride(0),
+            stride_x,
+            stride_r,
             eps,
             HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None,
@@ -233,12 +241,11 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
     shape = xin.shape
     n = shape[-1]
     compute_dw = compute_dw and weight is not None
-    x2 = rows_2d(xin)
+    x2, m, stride_x = nc.as_rows(xin)
     # An upstream gradient can arrive expanded (stride 0) or transposed: rows_2d copies it then.
-    dy2 = rows_2d(dy)
-    ds2 = rows_2d(ds) if ds is not None else dy2
-    m = x2.shape[0]
-    dx = torch.empty(shape, dtype=xin.dtype, device=xin.device)
+    dy2, _, stride_dy = nc.as_rows(dy)
+    ds2, _, stride_ds = nc.as_rows(ds) if ds is not None else (dy2, m, stride_dy)
+    dx = torch.empty_like(xin, memory_format=torch.contiguous_format)
     dw = torch.empty((n,), dtype=weight.dtype, device=xin.device) if compute_dw else None
     if m == 0 or n == 0:
         if dw is not None:
@@ -246,14 +253,15 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
         return dx, dw
     weight = nc.vec(weight)
     fused_acc = compute_dw and n <= nc.BWD_FUSED_MAX
-    block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP)
+    block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
+                                             "rms_bwd" if fused_acc else "rms_dx")
     if fused_acc:
-        grid = nc.persistent_grid(xin, triton.cdiv(m, rows), block * rows, warps, 1)
+        grid = nc.persistent_grid(xin, nc.cdiv(m, rows), block * rows, warps, 1)
     elif loop:
         # persistent, few programs: the second pass over each row then re-reads it from L2
         grid = min(m, nc.device_sms(xin) * nc.LOOP_PROGRAMS_PER_SM)
     else:
-        grid = triton.cdiv(m, rows)  # one row block per program: nothing to carry across rows
+        grid = nc.cdiv(m, rows)  # one row block per program: nothing to carry across rows
     dw_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc else None
     with nc.device_ctx(xin):
         _rms_norm_bwd_kernel[(grid,)](
@@ -266,9 +274,9 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
             dw_part if dw_part is not None else rstd,
             m,
             n,
-            x2.stride(0),
-            dy2.stride(0),
-            ds2.stride(0),
+            stride_x,
+            stride_dy,
+            stride_ds,
             HAS_WEIGHT=weight is not None,
             HAS_DS=ds is not None,
             COMPUTE_DW=fused_acc,
@@ -278,7 +286,7 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
             num_warps=warps,
         )
         if compute_dw and not fused_acc:
-            dw_part, _ = nc.dwdb_split(x2, dy2, None, rstd, True, False, round_xhat=True)
+            dw_part, _ = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, None, rstd, True, False, round_xhat=True)
         if compute_dw:
             nc.reduce_partials(dw_part, None, dw, None)
     return dx, dw
@@ -296,7 +304,7 @@ def _fwd_torch(x, residual, weight, eps):
     rstd = torch.rsqrt(h.pow(2).mean(-1) + eps)
     hb = (h * rstd[..., None]).to(x.dtype)
     y = weight * hb if weight is not None else hb
-    return y, (s if residual is not None else x.new_empty(0)), rstd
+    return y, (s if residual is not None else None), rstd
 
 
 def _bwd_torch(dy, ds, xin, weight, rstd, compute_dw):
@@ -311,6 +319,24 @@ def _bwd_torch(dy, ds, xin, weight, rstd, compute_dw):
     return dx.to(xin.dtype), dw
 
 
+# The two impls below are what both entry points run: the custom ops (torch.compile, fake
+# tensors, functorch) and the eager fast path (_RMSNormFn). `s` is None without a residual.
+
+
+def _fwd_impl(x, residual, weight, eps):
+    if use_triton(x):
+        return rms_norm_forward(x, weight, eps, residual)
+    return _fwd_torch(x, residual, weight, eps)
+
+
+def _bwd_impl(dy, ds, xin, weight, rstd, compute_dw):
+    """(dx, dw); dw None when not computed."""
+    compute_dw = compute_dw and weight is not None
+    if use_triton(xin):
+        return rms_norm_backward(dy, xin, weight, rstd, ds=ds, compute_dw=compute_dw)
+    return _bwd_torch(dy, ds, xin, weight, rstd, compute_dw)
+
+
 @torch.library.custom_op("tritonize::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
     x: torch.Tensor,
@@ -318,9 +344,9 @@ def _rms_norm_fwd_op(
     weight: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        return rms_norm_forward(x, weight, eps, residual)
-    return _fwd_torch(x, residual, weight, eps)
+    y, s, rstd = _fwd_impl(x, residual, weight, eps)
+    # custom-op outputs cannot be None: no residual -> an empty sum; rstd as x.shape[:-1]
+    return y, (s if s is not None else x.new_empty(0)), rstd.view(x.shape[:-1])
 
 
 @_rms_norm_fwd_op.register_fake
@@ -338,11 +364,7 @@ def _rms_norm_bwd_op(
     rstd: torch.Tensor,
     compute_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    compute_dw = compute_dw and weight is not None
-    if use_triton(xin):
-        dx, dw = rms_norm_backward(dy, xin, weight, rstd, ds=ds, compute_dw=compute_dw)
-    else:
-        dx, dw = _bwd_torch(dy, ds, xin, weight, rstd, compute_dw)
+    dx, dw = _bwd_impl(dy, ds, xin, weight, rstd, compute_dw)
     # custom-op outputs cannot be None: an absent gradient is an empty tensor
     return dx, (dw if dw is not None else xin.new_empty(0))
 
@@ -351,6 +373,14 @@ def _rms_norm_bwd_op(
 def _(dy, ds, xin, weight, rstd, compute_dw):
     dw = weight.new_empty(weight.shape) if compute_dw and weight is not None else xin.new_empty(0)
     return xin.new_empty(xin.shape), dw
+
+
+def _grads(needs, has_residual, weight, dx, dw):
+    """Autograd's tuple for (x, residual, weight, eps); d(x + residual) flows unchanged into
+    both summands."""
+    need_x, need_r, need_w = needs[:3]
+    return (dx if need_x else None, dx if (need_r and has_residual) else None,
+            dw if need_w and weight is not None else None, None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -363,18 +393,37 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds, _drstd):
     xin, weight, rstd = ctx.saved_tensors
-    need_x, need_r, need_w, _ = ctx.needs_input_grad
+    need_w = ctx.needs_input_grad[2]
     if dy is None:  # only the sum output was used downstream
         dy = torch.zeros(xin.shape, dtype=_out_dtype(xin, weight), device=xin.device)
     if not ctx.has_residual:
         ds = None
     dx, dw = _rms_norm_bwd_op(dy, ds, xin, weight, rstd, bool(need_w and weight is not None))
-    # d(x + residual) flows unchanged into both summands
-    return (dx if need_x else None, dx if (need_r and ctx.has_residual) else None,
-            dw if need_w and weight is not None else None, None)
+    return _grads(ctx.needs_input_grad, ctx.has_residual, weight, dx, dw)
 
 
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """Eager fast path (see `_common.eager_fast_path` and layer_norm._LayerNormFn): the same
+    impls as the custom ops without their dispatch layers. Returns y, or (y, s) with a residual."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, s, rstd = _fwd_impl(x, residual, weight, eps)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(s if residual is not None else x, weight, rstd)
+        return (y, s) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        xin, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum output was used downstream
+            dy = torch.zeros(xin.shape, dtype=_out_dtype(xin, weight), device=xin.device)
+        dx, dw = _bwd_impl(dy, ds if ctx.has_residual else None, xin, weight, rstd, bool(ctx.needs_input_grad[2]))
+        return _grads(ctx.needs_input_grad, ctx.has_residual, weight, dx, dw)
 
 
 # =============================================================================================
@@ -425,6 +474,8 @@ def rms_norm(x, weight=None, eps=1e-6):
     """HF-Llama RMSNorm over the last dim of x (any leading dims). Output dtype: x's without a
     weight, else torch's promotion of (weight.dtype, x.dtype), as HF's module returns."""
     _check("rms_norm", x, None, weight, eps)
+    if eager_fast_path(x):
+        return _RMSNormFn.apply(x, None, weight, float(eps))
     return _rms_norm_fwd_op(x, None, weight, float(eps))[0]
 
 
@@ -432,5 +483,7 @@ def add_rms_norm(x, residual, weight=None, eps=1e-6):
     """(rms_norm(x + residual), x + residual), the sum rounded to x's dtype as torch rounds it.
     Gradients flow to x, residual and weight (the sum's gradient into both x and residual)."""
     _check("add_rms_norm", x, residual, weight, eps)
+    if eager_fast_path(x):
+        return _RMSNormFn.apply(x, residual, weight, float(eps))
     y, s, _ = _rms_norm_fwd_op(x, residual, weight, float(eps))
     return y, s

@@ -20,14 +20,14 @@ Backward needs only the output:  dx = y * (dy - sum(dy * y)).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_tensor, use_triton
+from ._common import INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Widest row done in one block (as Liger); above it the looped (online) kernel walks the row in
 # LOOP_BLOCK chunks. At 32768 the one-block kernel runs 32 warps (1024 threads, so at most 64
@@ -228,10 +228,6 @@ def _launch_config(rows_p2: int, n: int, rows_unit: bool, max_block: int, loop_b
     return block_r, block_n, n <= block_n, num_warps
 
 
-def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def softmax_forward(
     x: torch.Tensor, dim: int = -1, max_block: int = MAX_BLOCK, loop_block: int = LOOP_BLOCK, num_warps=None
 ) -> torch.Tensor:
@@ -254,10 +250,10 @@ def softmax_forward(
         rd = _row_dims((x, y), dim)
     r1, r2, n, ((sx1, sx2, sxn), (sy1, sy2, syn)) = rd
     block_r, block_n, one_block, warps = _launch_config(
-        triton.next_power_of_2(r2), n, sx2 == 1 and sxn != 1, max_block, loop_block, num_warps
+        next_pow2(r2), n, sx2 == 1 and sxn != 1, max_block, loop_block, num_warps
     )
-    with _device(x):
-        _softmax_fwd_kernel[(triton.cdiv(r2, block_r), r1)](
+    with device_ctx(x):
+        _softmax_fwd_kernel[(cdiv(r2, block_r), r1)](
             x, y, r2, n, sx1, sx2, sxn, sy1, sy2, syn,
             BLOCK_R=block_r, BLOCK_N=block_n, ONE_BLOCK=one_block, num_warps=warps,
         )  # fmt: skip
@@ -285,10 +281,10 @@ def softmax_backward(
         rd = _row_dims((y, dy, dx), dim)
     r1, r2, n, ((sy1, sy2, syn), (sdy1, sdy2, sdyn), (sdx1, sdx2, sdxn)) = rd
     block_r, block_n, one_block, warps = _launch_config(
-        triton.next_power_of_2(r2), n, sy2 == 1 and syn != 1, max_block, loop_block, num_warps
+        next_pow2(r2), n, sy2 == 1 and syn != 1, max_block, loop_block, num_warps
     )
-    with _device(y):
-        _softmax_bwd_kernel[(triton.cdiv(r2, block_r), r1)](
+    with device_ctx(y):
+        _softmax_bwd_kernel[(cdiv(r2, block_r), r1)](
             y, dy, dx, r2, n, sy1, sy2, syn, sdy1, sdy2, sdyn, sdx1, sdx2, sdxn,
             BLOCK_R=block_r, BLOCK_N=block_n, ONE_BLOCK=one_block, num_warps=warps,
         )  # fmt: skip
@@ -302,9 +298,7 @@ def softmax_backward(
 
 @torch.library.custom_op("tritonize::softmax_fwd", mutates_args=())
 def _softmax_fwd_op(x: torch.Tensor, dim: int) -> torch.Tensor:
-    if use_triton(x):
-        return softmax_forward(x, dim)
-    return softmax_reference(x, dim, upcast=True)
+    return _fwd_impl(x, dim)
 
 
 @_softmax_fwd_op.register_fake
@@ -335,6 +329,32 @@ def _backward(ctx, dy):
 
 
 _softmax_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fwd_impl(x, dim):
+    if use_triton(x):
+        return softmax_forward(x, dim)
+    return softmax_reference(x, dim, upcast=True)
+
+
+class _SoftmaxFn(torch.autograd.Function):
+    """Eager fast path (see `_common.eager_fast_path`): the launchers without the custom-op
+    dispatch layers, which cost several times the Python time of a plain autograd.Function per
+    forward+backward and left the GPU idle (8192x4096 bf16 fwd+bwd: 0.56 ms vs 0.05 + 0.14)."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        y = _fwd_impl(x, dim)
+        ctx.dim = dim
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        if use_triton(y):
+            return softmax_backward(y, dy, ctx.dim), None
+        return softmax_backward_reference(y, dy, ctx.dim, upcast=True), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,5 +389,7 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     nd = max(x.dim(), 1)
     check_arg("softmax", "dim", -nd <= dim < nd, f"is out of range for a {x.dim()}-d tensor, got {dim}")
     if x.dim() == 0:
-        return _softmax_fwd_op(x.reshape(1), 0).reshape(())
+        return softmax(x.reshape(1), 0).reshape(())
+    if eager_fast_path(x):
+        return _SoftmaxFn.apply(x, dim % x.dim())
     return _softmax_fwd_op(x, dim % x.dim())

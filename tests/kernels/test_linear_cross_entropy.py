@@ -107,8 +107,9 @@ def test_special_cases(device):
     # no tokens
     y = linear_cross_entropy(h[:0], w, t[:0], b)
     assert y.item() == 0.0
-    # the default chunk size: a power of two in [256, 2048], or N when N is small
-    assert default_chunk_size(8192, 4096, 128256) == 256 and default_chunk_size(65536, 4096, 128256) == 2048
+    # the default chunk size: a power of two in [256, 2048], at least H / 4, or N when N is small
+    assert default_chunk_size(8192, 2048, 128256) == 512 and default_chunk_size(8192, 4096, 128256) == 1024
+    assert default_chunk_size(65536, 4096, 128256) == 2048 and default_chunk_size(8192, 512, 32000) == 256
     assert default_chunk_size(37, 32, 1100) == 37
 
 

@@ -48,8 +48,18 @@ MAX_CHUNK = 2048
 
 
 def default_chunk_size(n: int, h: int, v: int) -> int:
-    """Rows per chunk: C x V ~ N x H (Liger's budget), in [MIN_CHUNK, MAX_CHUNK], power of 2."""
-    c = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(max(v, 1), h)))  # Liger's rule
+    """Rows per chunk, a power of two in [MIN_CHUNK, MAX_CHUNK] (or N when N is smaller).
+
+    Two costs pull apart. Memory: the chunk's (C, V) logits are the only temporary beyond dh and
+    dW, so a small C is lean (Liger's rule, C x V ~ N x H). Time: every chunk adds its
+    dlogits^T @ h into dW with a GEMM whose depth is only C, so it reads and writes all of dW
+    (V x H) per chunk — at C = 256 that traffic made N8192 H2048 V128256 take 32.7 ms against
+    eager's 23.7 on the H100. C >= H / 4 (the chunk's logits at most a quarter of dW's size) keeps
+    that part near a third of the chunk's matmul time: 512 rows gave 23.5 ms (0.99x eager) at
+    H2048, 1024 rows 39.0 ms (0.97x eager) at H4096, for 10-17% more memory than Liger's chunks.
+    """
+    liger = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(max(v, 1), h)))
+    c = max(liger, triton.next_power_of_2(max(h // 4, 1)))
     return max(1, min(n, max(MIN_CHUNK, min(MAX_CHUNK, c))))
 
 

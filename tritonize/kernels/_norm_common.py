@@ -28,8 +28,10 @@ from tritonize.kernels._common import device_sms, rows_2d
 # counts read from ptxas for sm_90 bf16 builds), not yet from timings. The tests shrink them to
 # reach every path with small shapes.
 # Widest row the forward keeps whole in registers; wider rows loop over chunks (FWD_LOOP).
-# LayerNorm at 32768 would spill ~320 B/thread (x, w, b live at once); RMSNorm spills 24 B.
-LN_FWD_FUSED_MAX = 16384
+# LayerNorm at 32768 spills ~320 B/thread (x, w, b live at once), yet the H100 sweep
+# (benchmarks/bench_rowwise.py --sweep) timed it at 0.191 ms vs 0.244 for the three-pass loop at
+# 4096x32768 bf16 (93% vs 73% of copy bandwidth): the spill stays in L1, the re-reads do not.
+LN_FWD_FUSED_MAX = 32768
 RMS_FWD_FUSED_MAX = 32768
 # Widest row whose backward keeps fp32 dweight (and dbias) accumulators in registers across rows:
 # x, dy, w and two accumulators at 16 values per thread x 16 warps fill an SM's registers at 8192.
@@ -38,7 +40,9 @@ BWD_FUSED_MAX = 8192
 DX_FUSED_MAX = 16384
 # (chunk width, warps) of the looped kernels: no spills at these sizes.
 FWD_LOOP = (16384, 32)
-BWD_LOOP = (8192, 16)
+# BWD_LOOP (16384, 32) beat (8192, 16) in the H100 sweep at 4096x32768: 0.514 vs 0.609 ms (LN),
+# 0.492 vs 0.603 (RMS).
+BWD_LOOP = (16384, 32)
 # Programs per SM for the looped kernels: few, so each program's row (re-read in the next pass)
 # is still in L2: 2 per SM x 132 SMs x 32768 x (x + dy) bf16 = 34 MB < 50 MB L2.
 LOOP_PROGRAMS_PER_SM = 2

@@ -68,7 +68,29 @@ def test_varying_sequence_lengths_do_not_recapture_per_length():
         m(x)
     rep = tritonize.report(m)
     assert rep.captures <= 2, rep.captures  # automatic dynamic: static, then one symbolic capture
-    assert rep.count("linear_act") == rep.captures  # the symbolic graph fused too
+    # one site however many captures; the symbolic graph fused too (the site was seen in every capture)
+    site, = [s for s in rep.sites if s.pattern == "linear_act"]
+    assert rep.count("linear_act") == 1 and site.captures == rep.captures, rep.to_dict()
+    assert rep.to_dict()["patterns"]["linear_act"]["fused"] == [{"site": site.site, "n": 1, "captures": rep.captures}]
+
+
+def test_transformers_warning_once_is_not_a_graph_break():
+    transformers = pytest.importorskip("transformers")
+    logger = transformers.utils.logging.get_logger("tritonize_test")
+
+    class Warns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            logger.warning_once("a one-time warning inside forward")
+            return torch.relu(self.lin(x))
+
+    m = tritonize(Warns().to(DEVICE))
+    m(torch.randn(2, 4, device=DEVICE))
+    rep = tritonize.report(m)
+    assert rep.graph_breaks == [] and rep.captures == 1 and rep.count("linear_act") == 1, str(rep)
 
 
 class Uncapturable(nn.Module):

@@ -1,11 +1,16 @@
 """Cross-entropy (F.cross_entropy, log_softmax + nll_loss, fp32 upcast, options) and the fused
-LM head linear -> cross-entropy when the logits are dead; skipped with a reason when returned."""
+LM head linear -> cross-entropy, whether the logits are dead or returned (then the plain linear
+stays for them and the loss is computed beside it), in every order of cast and flatten."""
 
+import copy
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.fuser.common import check_parity
+from tests.fuser.common import DEVICE, check_parity
+from tritonize import tritonize
 
 V = 24
 
@@ -29,31 +34,55 @@ def test_cross_entropy_spellings():
 
 
 class LMHead(nn.Module):
-    def __init__(self, return_logits):
+    def __init__(self, return_logits, spelling="hf"):
         super().__init__()
         self.lm_head = nn.Linear(16, V, bias=False)
         self.return_logits = return_logits
+        self.spelling = spelling
 
     def forward(self, h, labels):
         logits = self.lm_head(h)
-        # transformers' ForCausalLMLoss: upcast, shift, flatten
-        shift_logits = logits.float()
         labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-        loss = F.cross_entropy(shift_logits.view(-1, V), labels.reshape(-1), ignore_index=-100)
+        if self.spelling == "hf":  # transformers' ForCausalLMLoss: upcast, shift the labels, flatten
+            flat = logits.float().view(-1, V)
+        elif self.spelling == "flatten_then_float":
+            flat = logits.flatten(0, 1).float()
+        else:  # torch.flatten, no cast
+            flat = torch.flatten(logits, end_dim=-2)
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
         return (loss, logits) if self.return_logits else loss
 
 
-def test_linear_cross_entropy_when_logits_are_dead():
+@pytest.mark.parametrize("spelling", ["hf", "flatten_then_float", "torch.flatten"])
+def test_linear_cross_entropy_when_logits_are_dead(spelling):
     h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
-    rep = check_parity(LMHead(False), [h, labels], {"linear_cross_entropy": 1, "cross_entropy": 0})
+    rep = check_parity(LMHead(False, spelling), [h, labels], {"linear_cross_entropy": 1, "cross_entropy": 0})
     assert rep.fused("linear_cross_entropy") == ["lm_head"]
 
 
-def test_returned_logits_keep_plain_cross_entropy():
+def test_returned_logits_still_fuse_the_loss():
+    """HF causal LMs return the logits with the loss: the loss still goes to linear_cross_entropy
+    (the plain linear stays for the logits). check_parity backprops loss + 2 * logits.sum(), so
+    gradients through both paths are checked; then the loss alone."""
     h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
-    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 0, "cross_entropy": 1})
-    (site, reason), = rep.skipped("linear_cross_entropy")
-    assert "output" in reason
+    labels[0, 2] = -100
+    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 1, "cross_entropy": 0})
+    assert rep.fused("linear_cross_entropy") == ["lm_head"] and rep.skipped() == []
+    site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
+    assert "materialised" in site.note and "materialised" in str(rep)
+    # the loss alone: grads to hidden and weight from linear_cross_entropy only
+    model = LMHead(True).to(DEVICE)
+    ref = copy.deepcopy(model)
+    tritonize(model)
+    h, labels = h.to(DEVICE), labels.to(DEVICE)
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (la, za), (lb, zb) = model(ha, labels), ref(hb, labels)
+    torch.testing.assert_close(za, zb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ha.grad, hb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_class_weights_declined():

@@ -226,3 +226,38 @@ def test_attention_custom_op_path_matches_fast_path(device, monkeypatch):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert torch.equal(results[0][0], results[0][4])
+
+
+def test_attention_reference_path_layout_and_tensor_seed(monkeypatch):
+    """The CPU reference path returns out/grads in the layouts the fake implementations declare
+    (Inductor asserts them: BERT with a padding mask under rest="inductor"), and a 0-d int64 seed
+    tensor gives the same dropout mask as the same int seed."""
+    import importlib
+
+    A = importlib.import_module("tritonize.kernels.attention")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(A, "use_triton", lambda t: False)
+    B, T, H, D = 2, 5, 3, 8
+    q, k, v = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(3))  # HF's transposed views
+    mask = torch.ones(B, 1, T, T, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    seed = torch.tensor(7, dtype=torch.int64)
+    out, lse = torch.ops.tritonize.attention_fwd(q, k, v, mask, False, 0.3, 0.2, seed, True)
+    do = torch.randn(B, T, H, D).transpose(1, 2)
+    grads = torch.ops.tritonize.attention_bwd(do, q, k, v, out, lse, mask, False, 0.3, 0.2, seed, True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv, fdo = (mode.from_tensor(t) for t in (q, k, v, do))
+        fout, flse = torch.ops.tritonize.attention_fwd(fq, fk, fv, mode.from_tensor(mask), False, 0.3, 0.2, seed, True)
+        fgrads = torch.ops.tritonize.attention_bwd(fdo, fq, fk, fv, fout, flse, mode.from_tensor(mask), False, 0.3,
+                                                   0.2, seed, True)
+    assert out.stride() == fout.stride() and lse.stride() == flse.stride()
+    assert [g.stride() for g in grads] == [g.stride() for g in fgrads]
+    ref = A.attention_reference(q, k, v, mask, False, 0.3, 0.2, seed=7)
+    torch.testing.assert_close(out, ref)
+    # public function: tensor seed == int seed; bad seed type rejected
+    a = A.attention(q, k, v, mask, scale=0.3, dropout_p=0.2, seed=seed)
+    b = A.attention(q, k, v, mask, scale=0.3, dropout_p=0.2, seed=7)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="tritonize.attention: argument 'seed'"):
+        A.attention(q, k, v, dropout_p=0.2, seed=1.5)

@@ -98,7 +98,10 @@ def test_model_fused_and_matches_eager(kind, attn):
     assert _count(rep, ATTN) == n_attn, str(rep)
     assert _count(rep, MLP) == n_mlp, str(rep)
     assert rep.count("cross_entropy") + rep.count("linear_cross_entropy") == 1, str(rep)
+    if kind in ("gpt2", "llama"):  # causal LMs return the logits with the loss: the LM head still fuses
+        assert rep.fused("linear_cross_entropy") == ["lm_head"], str(rep)
     assert rep.fallback is None
+    assert not rep.graph_breaks, str(rep)  # transformers' warning_once is ignored inside the capture
 
 
 def test_generate_with_kv_cache_same_tokens():
@@ -115,3 +118,44 @@ def test_generate_with_kv_cache_same_tokens():
     assert torch.equal(got, want)
     rep = tritonize.report(model)
     assert _count(rep, ATTN) >= 2 and rep.fallback is None, str(rep)
+
+
+def _gpt2_dropout():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, resid_pdrop=0.1,
+                                  embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0,
+                                  attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_inductor_rest_gpt2_dropout_and_bert_padding():
+    """rest="inductor": GPT-2 with dropout 0.1 in train mode (seeds are graph values, no .item(), no
+    recapture storm; two steps draw different masks) and BERT with a padding mask (the attention
+    op's outputs have the layouts its fake declares). Sites keep their full module paths."""
+    torch.manual_seed(0)
+    model = _gpt2_dropout().to(DEVICE).train()
+    tritonize(model, rest="inductor", strict=True)
+    batch = {k: v.to(DEVICE) for k, v in _batch("gpt2").items()}
+    out1 = model(**batch)
+    out1.loss.backward()
+    out2 = model(**batch)
+    assert torch.isfinite(out1.loss) and not torch.equal(out1.logits, out2.logits)  # fresh masks per step
+    rep = tritonize.report(model)
+    assert rep.captures <= 2 and rep.fallback is None, str(rep)
+    assert _count(rep, ATTN) == 2 and rep.count("dropout") >= 4, str(rep)
+    sites = [s.site for s in rep.sites]
+    assert all(s.startswith(("transformer.", "lm_head", "<root>")) for s in sites), sites
+    assert len(sites) == len(set((s.pattern, s.site, s.fused, s.reason) for s in rep.sites))
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert all(s.startswith(("transformer.", "lm_head", "<root>")) for s in (s.site for s in rep.sites))
+
+    bert, _, _ = _bert("sdpa")
+    bert = bert.to(DEVICE).train()
+    ref = copy.deepcopy(bert)
+    tritonize(bert, rest="inductor", strict=True)
+    batch = {k: v.to(DEVICE) for k, v in _batch("bert").items()}
+    out, out_ref = bert(**batch), ref(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=2e-5, rtol=2e-5)
+    assert _count(tritonize.report(bert), ATTN) == 2, str(tritonize.report(bert))

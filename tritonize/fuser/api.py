@@ -22,8 +22,10 @@ A model Dynamo cannot capture at all runs unmodified, with one warning saying wh
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -64,10 +66,11 @@ class _TritonizedCall:
         from torch._dynamo.utils import counters
 
         n0 = st.report.captures
-        b0 = sum(counters["graph_break"].values())
+        b0 = dict(counters["graph_break"])  # process-wide: only what THIS call adds is this model's
         first = st.calls == 0
         try:
-            out = st.compiled(*args, **kwargs)
+            with _quiet_loggers():
+                out = st.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
             if not first:
                 raise
@@ -76,8 +79,9 @@ class _TritonizedCall:
             self._fallback(f"Dynamo could not capture the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", e)
             return out
         st.calls += 1
-        if st.report.captures != n0 or sum(counters["graph_break"].values()) != b0:
-            st.report.add_graph_breaks(_break_reasons(counters))
+        if st.report.captures != n0 or len(counters["graph_break"]) != len(b0) or \
+                sum(counters["graph_break"].values()) != sum(b0.values()):
+            st.report.add_graph_breaks(_break_reasons(counters, b0))
         if first and st.report.captures == n0:
             why = "; ".join(st.report.graph_breaks) or "the forward was skipped or ran entirely outside Dynamo"
             self._fallback(f"Dynamo captured no graph ({why})", None)
@@ -92,8 +96,40 @@ class _TritonizedCall:
         warnings.warn(f"tritonize: {type(self.model_ref).__name__} runs unmodified: {reason}", stacklevel=3)
 
 
-def _break_reasons(counters) -> list[str]:
-    return [str(k) for k in counters["graph_break"].keys()]
+# One-time logging calls that libraries make inside forward (transformers' `logger.warning_once`
+# about `loss_type=None` in every causal LM) are a graph break for Dynamo. Inside tritonize's
+# capture they are ignored (Dynamo treats them as no-ops; they still run wherever the code runs
+# eagerly). Generic: every `logging.Logger` method whose name ends in "_once" that a library added
+# (transformers adds warning_once and info_once), not a per-model list.
+_ONCE: dict = {}
+
+
+def _once_methods() -> set:
+    key = len(vars(logging.Logger))  # recomputed only when a library adds methods
+    if key not in _ONCE:
+        _ONCE.clear()
+        _ONCE[key] = {v for n, v in vars(logging.Logger).items() if n.endswith("_once") and callable(v)}
+    return _ONCE[key]
+
+
+def _quiet_loggers():
+    import contextlib
+
+    import torch._dynamo.config as dcfg
+
+    name = "ignore_logger_methods" if hasattr(dcfg, "ignore_logger_methods") else None
+    once = _once_methods()
+    if name is None or not once:
+        return contextlib.nullcontext()
+    current = set(getattr(dcfg, name))
+    if once <= current:
+        return contextlib.nullcontext()
+    return dcfg.patch(**{name: current | once})
+
+
+def _break_reasons(counters, before=None) -> list[str]:
+    before = before or {}
+    return [str(k) for k, v in counters["graph_break"].items() if v != before.get(k, 0)]
 
 
 def _entry_for(model, tag: int):
@@ -125,6 +161,8 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
         return model
     options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic)
     report = Report(type(model).__name__)
+    ref = weakref.ref(model)
+    report.set_module_names(lambda: [n for n, _ in ref().named_modules()] if ref() is not None else [])
     backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict)
     state = _State(model, report, options)
     _counter[0] += 1

@@ -21,6 +21,7 @@ pattern is written once, against the canonical form this pass produces:
     matmul             torch.matmul(a, b)                     <- a @ b, torch.bmm, a.matmul(b)
     transpose          torch.transpose(x, d0, d1)             <- x.transpose, swapaxes, permute of the
                                                                  last two dims; dims negative, d0 < d1
+    flatten            x.flatten(start, end) (call_method)    <- torch.flatten, keyword dims
     casts              x.to(dtype) (call_method "to")         <- .float(), .half(), .type(dtype),
                                                                  .to(dtype=..), .to(device, dtype); a cast
                                                                  to the dtype/device x already has is removed
@@ -238,6 +239,8 @@ def propagate(node: fx.Node, like: fx.Node | None = None):
     if any(val(n) is None for n in inputs):
         return
     mode = _fake_mode_of(inputs)
+    if mode is None and not inputs and like is not None:
+        mode = _fake_mode_of([like])  # a node with no inputs (a seed draw): never run it for real
 
     def conv(a):
         return val(a) if isinstance(a, fx.Node) else a
@@ -362,6 +365,15 @@ def _normalize_node(graph, node, has_meta):
         return _normalize_to(graph, node, has_meta)
     if node.op == "call_method" and node.target == "permute":
         return _normalize_permute(graph, node)
+    if (node.op == "call_method" and node.target == "flatten") or (
+            node.op == "call_function" and node.target is torch.flatten):
+        # torch.flatten(x, s, e) / x.flatten(start_dim=s) -> x.flatten(s, e): one spelling
+        b = _bind([("input", REQ), ("start_dim", 0), ("end_dim", -1)], node.args, node.kwargs, [])
+        if b is None or not all(isinstance(b[k], int) for k in ("start_dim", "end_dim")):
+            return
+        if node.op == "call_method" and node.args == (b["input"], b["start_dim"], b["end_dim"]) and not node.kwargs:
+            return
+        return _replace(node, _new(graph, "call_method", "flatten", (b["input"], b["start_dim"], b["end_dim"]), {}, node))
     if node.op == "call_method" and node.target in ("view", "reshape", "expand") and not node.kwargs:
         # x.view(a, b) / x.view((a, b)) / torch.reshape(x, (a, b)) -> x.view((a, b)): one spelling
         single = len(node.args) == 2 and not isinstance(node.args[1], (tuple, list))

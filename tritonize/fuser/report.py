@@ -1,13 +1,22 @@
 """Report: what fused where, what was skipped and why, how the model was captured.
 
-One `Report` per tritonized model (or per `torch.compile(..., backend="tritonize")` call). Every
-captured graph adds its sites, so a recapture (a new shape, train()/eval() switch) adds its own
-entries: `captures` says how many graphs the backend received.
+One `Report` per tritonized model (or per `torch.compile(..., backend="tritonize")` call).
+A site is unique per (pattern, module path, fused or skipped + reason): a recapture (a new shape,
+a train()/eval() switch, a graph break's resumed frame) does not add entries, it bumps the site's
+`captures` (how many captured graphs contained it). `n` is how many matches one graph had at that
+path (a module called twice, or several losses at the top level): `count()` sums `n`, so it counts
+the model's fusion sites whatever the number of recaptures. `captures` says how many graphs the
+backend received.
 
     print(report)            # a table, one row per pattern
     report.to_dict()         # {"captures": .., "graph_breaks": [..], "fallback": .., "patterns": {...}}
-    report.fused("attention")            # site names (module paths) fused by a pattern
+    report.fused("attention")            # site names (module paths) fused by a pattern (n times each)
     report.count("attention")            # how many sites
+
+Site names are module paths of the *tritonized model* ("transformer.h.3.attn"): a graph captured
+from a resumed frame (after a graph break inside a submodule) sees paths relative to that
+submodule ("h.3.attn"); `set_module_names` gives the report the model's own names so such a path
+is mapped back to its unique full name.
 """
 
 from __future__ import annotations
@@ -23,8 +32,11 @@ class Site:
     site: str  # module path such as "transformer.h.3.attn" ("<root>" for code at the top level)
     fused: bool
     reason: str = ""  # why it was skipped
-    capture: int = 0  # which captured graph (0-based)
+    capture: int = 0  # the first captured graph (0-based) that contained it
     variant: str = ""  # which generated spelling matched
+    note: str = ""  # e.g. "logits are still materialised: they are returned"
+    captures: int = 1  # how many captured graphs contained this site
+    n: int = 1  # matches at this path in one graph (the most seen in any capture)
 
 
 class Report:
@@ -35,6 +47,33 @@ class Report:
         self.graph_breaks: list[str] = []
         self.fallback: str | None = None  # set when the model runs unmodified (capture failed)
         self._lock = threading.Lock()
+        self._index: dict[tuple, tuple[Site, dict]] = {}  # key -> (site, {capture: matches})
+        self._names = None  # callable -> iterable of the model's module names (or None)
+        self._canon: dict[str, str] = {}
+
+    def set_module_names(self, names_fn) -> None:
+        """`names_fn()` -> the tritonized model's module names (called lazily, cached per path)."""
+        self._names = names_fn
+        self._canon.clear()
+
+    def canonical_site(self, path: str) -> str:
+        """`path` as a full module path of the model: unchanged when it is one; else the unique
+        model path ending with ".<path>" (a graph captured from a resumed frame)."""
+        if self._names is None or not path or path.startswith("<"):
+            return path
+        got = self._canon.get(path)
+        if got is None:
+            try:
+                names = list(self._names() or ())
+            except Exception:  # noqa: BLE001 - the model may be gone
+                names = []
+            if path in names:
+                got = path
+            else:
+                ends = [n for n in names if n.endswith("." + path)]
+                got = ends[0] if len(ends) == 1 else path
+            self._canon[path] = got
+        return got
 
     # -- recording (the fuser) -------------------------------------------------------------
     def new_capture(self) -> int:
@@ -44,7 +83,20 @@ class Report:
 
     def add(self, site: Site) -> None:
         with self._lock:
-            self.sites.append(site)
+            site.site = self.canonical_site(site.site)
+            key = (site.pattern, site.site, site.fused, site.reason)
+            entry = self._index.get(key)
+            if entry is None:
+                site.captures, site.n = 1, 1
+                self._index[key] = (site, {site.capture: 1})
+                self.sites.append(site)
+                return
+            old, per_capture = entry
+            per_capture[site.capture] = per_capture.get(site.capture, 0) + 1
+            old.captures = len(per_capture)
+            old.n = max(per_capture.values())
+            if site.note and not old.note:
+                old.note = site.note
 
     def add_graph_breaks(self, reasons) -> None:
         with self._lock:
@@ -55,13 +107,15 @@ class Report:
     def clear(self) -> None:
         with self._lock:
             self.sites.clear()
+            self._index.clear()
             self.captures = 0
             self.graph_breaks.clear()
             self.fallback = None
 
     # -- reading ---------------------------------------------------------------------------
     def fused(self, pattern: str | None = None) -> list[str]:
-        return [s.site for s in self.sites if s.fused and (pattern is None or s.pattern == pattern)]
+        return [s.site for s in self.sites if s.fused and (pattern is None or s.pattern == pattern)
+                for _ in range(s.n)]
 
     def skipped(self, pattern: str | None = None) -> list[tuple[str, str]]:
         return [(s.site, s.reason) for s in self.sites if not s.fused and (pattern is None or s.pattern == pattern)]
@@ -75,9 +129,10 @@ class Report:
     def to_dict(self) -> dict:
         pats = {}
         for name in self.patterns():
+            sites = [s for s in self.sites if s.pattern == name]
             pats[name] = {
-                "fused": self.fused(name),
-                "skipped": [{"site": s, "reason": r} for s, r in self.skipped(name)],
+                "fused": [_site_dict(s) for s in sites if s.fused],
+                "skipped": [dict(_site_dict(s), reason=s.reason) for s in sites if not s.fused],
             }
         return {
             "captures": self.captures,
@@ -97,6 +152,9 @@ class Report:
             skipped = self.skipped(name)
             uniq = list(OrderedDict.fromkeys(fused))
             sites = ", ".join(uniq[:6]) + (f", ... ({len(uniq)} distinct)" if len(uniq) > 6 else "")
+            notes = list(OrderedDict.fromkeys(s.note for s in self.sites if s.pattern == name and s.fused and s.note))
+            if notes:
+                sites += " (" + "; ".join(notes) + ")"
             rows.append((name, str(len(fused)), str(len(skipped)), sites or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
@@ -117,3 +175,10 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _site_dict(s: Site) -> dict:
+    d = {"site": s.site, "n": s.n, "captures": s.captures}
+    if s.note:
+        d["note"] = s.note
+    return d

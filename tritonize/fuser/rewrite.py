@@ -5,6 +5,9 @@ bind nodes or literals). Its own containment filter is replaced by ours so that 
 intermediate escapes (attention weights returned, logits returned) is *reported* as skipped with the
 name of the escaping value instead of silently vanishing.
 
+A pattern may declare intermediates that are allowed to escape (`Pattern.escapable`): the LM head's
+logits returned beside the loss stay in the graph, and the fused call is computed beside them.
+
 Order: patterns by priority (larger first); within a pattern, variants by size (larger first); a
 node already consumed by an earlier rewrite is never matched again.
 """
@@ -98,10 +101,12 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                 returning = list(im.returning_nodes)
                 m = Match(pat, label, dict(flags), bind, nodes, returning, graph)
                 extra = set(returning[1:])
-                m.site = site_name([n for n in nodes if n not in extra] or nodes)
+                m.site = site_name(pat.site_nodes(m) or [n for n in nodes if n not in extra] or nodes)
                 anchor_key = (pat.name, returning[-1])
-                reason = _escape_reason(nodes, returning) or (kerr if kfn is None else None) or pat.guard(m)
+                reason = (_escape_reason(nodes, returning, pat.escapable(m)) or (kerr if kfn is None else None)
+                          or pat.guard(m))
                 if reason is None:
+                    m.note = pat.note(m)
                     reason = _apply(graph, m, kfn)
                 if reason is not None:
                     if anchor_key not in reported:
@@ -111,7 +116,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                 reported.add(anchor_key)
                 consumed.update(nodes)
                 fused += 1
-                report.add(Site(pat.name, m.site, True, "", capture, label))
+                report.add(Site(pat.name, m.site, True, "", capture, label, note=m.note))
                 for old, new in zip(returning, m.new_values):
                     replaced[old] = new
     graph.lint()
@@ -119,11 +124,11 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
     return fused
 
 
-def _escape_reason(nodes, returning) -> str | None:
+def _escape_reason(nodes, returning, escapable=()) -> str | None:
     members = set(nodes)
     ret = set(returning)
     for n in nodes:
-        if n in ret:
+        if n in ret or n in escapable:
             continue
         for u in n.users:
             if u not in members:

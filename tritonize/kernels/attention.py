@@ -873,12 +873,16 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
 @torch.library.custom_op("tritonize::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+    causal: bool, scale: float, dropout_p: float, seed: torch.Tensor, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # seed: a 0-d int64 CPU tensor (a graph value under tracing, drawn fresh each step; an int
+    # would be baked into the graph). Reading it is a CPU read, no device sync.
     if use_triton(q):
-        return attention_forward(q, k, v, mask, causal, scale, dropout_p, seed)
-    out, lse = attention_reference(q, k, v, mask, causal, scale, dropout_p, seed=seed, return_lse=True)
-    return out, lse
+        return attention_forward(q, k, v, mask, causal, scale, dropout_p, int(seed))
+    out, lse = attention_reference(q, k, v, mask, causal, scale, dropout_p, seed=int(seed), return_lse=True)
+    # The fake declares out with q's layout (empty_like(q), as the launcher allocates it): the
+    # reference's matmul result is contiguous, so copy it into that layout (Inductor asserts strides).
+    return _like(out, q), lse
 
 
 @_attention_fwd_op.register_fake
@@ -890,12 +894,22 @@ def _(q, k, v, mask, causal, scale, dropout_p, seed, deterministic):
 @torch.library.custom_op("tritonize::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: torch.Tensor,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        return attention_backward(do, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, deterministic)
-    # Reference path (same seeded dropout mask as the reference forward).
-    return attention_reference_backward(do, q, k, v, mask, causal, scale, dropout_p, seed=seed)
+    if use_triton(q):  # allocates empty_like(q/k/v) itself
+        return attention_backward(do, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed), deterministic)
+    # Reference path (same seeded dropout mask as the reference forward), in the fake's layouts.
+    dq, dk, dv = attention_reference_backward(do, q, k, v, mask, causal, scale, dropout_p, seed=int(seed))
+    return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` in `torch.empty_like(ref)`'s layout (what the fake implementations declare)."""
+    want = torch.empty_like(ref, dtype=t.dtype)
+    if want.stride() == t.stride():
+        return t
+    return want.copy_(t)
 
 
 @_attention_bwd_op.register_fake
@@ -906,15 +920,15 @@ def _(do, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, deterministic
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, causal, scale, dropout_p, seed, deterministic = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = causal, scale, dropout_p, seed, deterministic
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.deterministic = causal, scale, dropout_p, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
     # grad_lse is ignored: lse is an internal statistic, never returned by `attention`.
     dq, dk, dv = _attention_bwd_op(
-        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic
+        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, ctx.deterministic
     )
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -1030,13 +1044,20 @@ def attention_reference_backward(do, q, k, v, mask=None, causal=False, scale=Non
 # =============================================================================================
 
 
-def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, deterministic=True):
+def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, deterministic=True, seed=None):
     """Scaled dot-product attention in SDPA's layout: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with
     H % Hkv == 0 (GQA/MQA), D <= 256. `mask`: bool (True = keep) or additive float, broadcastable
     to (B, H, Tq, Tk); `causal` may be combined with it (bottom-right aligned when Tq != Tk).
     Fully masked rows give 0. `deterministic=False` accumulates dq with atomics in backward.
-    Gradients flow to q, k, v (not to the mask)."""
+    Gradients flow to q, k, v (not to the mask). `seed` (int or 0-d int64 CPU tensor, optional)
+    fixes the dropout mask; by default it is drawn from torch's default generator (a graph
+    fuser passes a tensor drawn in the graph, so a captured graph draws a fresh one per step)."""
     op = "attention"
+    if seed is not None:
+        ok = (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64
+              and seed.device.type == "cpu") or (isinstance(seed, int) and not isinstance(seed, bool))
+        if not ok:
+            raise TypeError(f"tritonize.{op}: argument 'seed' must be an int or a 0-d int64 CPU tensor, got {seed!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
     for name, t in (("k", k), ("v", v)):
@@ -1072,11 +1093,21 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, de
         return q.new_empty((B, H, Tq, D))
     if Tk == 0:
         return q.new_zeros((B, H, Tq, D))  # no key at all: every row is fully masked
-    seed = new_seed() if dropout_p > 0.0 else 0
     if EAGER_FAST_PATH and eager_fast_path(q):
+        seed_i = 0 if dropout_p == 0.0 else (new_seed() if seed is None else int(seed))
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _AttentionFn.apply(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed,
+            return _AttentionFn.apply(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed_i,
                                       bool(deterministic))
-        return attention_forward(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed)[0]
-    out, _ = _attention_fwd_op(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed, bool(deterministic))
+        return attention_forward(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed_i)[0]
+    # Traced (torch.compile, fake tensors): the seed stays a tensor, a graph value drawn each step
+    # (new_seed()'s .item() would be data-dependent under Inductor).
+    if dropout_p == 0.0:
+        seed_t = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed_t = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)  # new_seed()'s draw, kept a tensor
+    elif isinstance(seed, torch.Tensor):
+        seed_t = seed
+    else:
+        seed_t = torch.tensor(int(seed), dtype=torch.int64)
+    out, _ = _attention_fwd_op(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed_t, bool(deterministic))
     return out

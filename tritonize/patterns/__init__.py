@@ -138,6 +138,7 @@ class Match:
         self.returning = returning  # graph nodes standing for the search function's return values
         self.graph = graph
         self.site = ""
+        self.note = ""
 
     def __getitem__(self, name):
         return self.bind[name]
@@ -181,6 +182,19 @@ class Pattern:
 
     def replace(self, m: Match, fn) -> list:
         raise NotImplementedError
+
+    def escapable(self, m: Match) -> set:
+        """Matched intermediates that may also be used outside the match: the replacement must
+        then leave them computing what they computed (they are kept while they have users)."""
+        return set()
+
+    def site_nodes(self, m: Match) -> list:
+        """The nodes whose module path names the site in the report (default: all matched)."""
+        return []
+
+    def note(self, m: Match) -> str:
+        """A remark for the report on a fused site (before the rewrite), or ""."""
+        return ""
 
     # -- compiled search graphs, cached ----------------------------------------------------
     _compiled = None

@@ -214,7 +214,7 @@ class Attention(Pattern):
                 mask = m.method("to", mask, sdt)
         q = m["q"]
         p = float(m["p"]) if f["dropout"] else 0.0
-        return [m.call(fn, q, k, v, mask, False, m.scale_value, p)]
+        return [m.call(fn, q, k, v, mask, False, m.scale_value, p, **_seed_kw(m, p))]
 
 
 @register
@@ -261,8 +261,19 @@ class SDPA(Pattern):
 
     def replace(self, m, fn):
         c = m["c"]
+        p = float(m["p"])
         return [m.call(fn, m["q"], m["k"], m["v"], m.get("m"), m["causal"], None if c is None else float(c),
-                       float(m["p"]))]
+                       p, **_seed_kw(m, p))]
+
+
+def _seed_kw(m, p):
+    """With dropout, the seed is drawn in the graph (a 0-d CPU tensor node), not as a Python int
+    inside the kernel call: Inductor cannot trace an `.item()`, and the graph draws per step."""
+    if p == 0.0:
+        return {}
+    from tritonize.patterns.dropout import seed_node
+
+    return {"seed": seed_node(m)}
 
 
 _ = first_problem

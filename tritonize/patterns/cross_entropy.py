@@ -1,9 +1,10 @@
 """softmax -> cross-entropy, and the LM head linear -> cross-entropy.
 
 Spellings: F.cross_entropy(logits, target, ...), F.nll_loss(log_softmax(logits[.to(f32)], -1), ...);
-for the LM head, F.cross_entropy(linear(h, W, b)[.to(f32)][.view/.reshape(-1, V)], target, ...)
-when the logits are used by nothing else (HF models return their logits, so there it is skipped
-with that reason and the plain cross-entropy fuses). Preceding shifts/flattens of the labels are
+for the LM head, F.cross_entropy(linear(h, W, b) then at most one fp32 cast and one
+view/reshape/flatten of the tokens in either order, target, ...) -> linear_cross_entropy, also
+when the logits are returned (HF causal LMs): the plain linear then stays for the returned
+logits and the loss is computed beside it from the same hidden states and weight. Preceding shifts/flattens of the labels are
 just the target's own producers (any spelling). The kernel's loss is fp32; where eager's is not,
 the result is cast back, so the graph sees the dtype it had.
 
@@ -108,30 +109,75 @@ class CrossEntropy(Pattern):
         return [_cast_back(m, loss)]
 
 
+# The steps transformers and hand-written models put between the LM head and the loss: at most one
+# fp32 cast and at most one flatten of the tokens, in either order (HF: cast then view; others:
+# flatten then cast). Generated, so every order/spelling is one variant.
+_SHAPES = {
+    None: None,
+    "view": lambda z, shape, fs, fe: z.view(shape),
+    "reshape": lambda z, shape, fs, fe: z.reshape(shape),
+    "flatten": lambda z, shape, fs, fe: z.flatten(fs, fe),  # dims bound as literals, checked by the guard
+}
+
+
+def _lm_head_chains():
+    import itertools
+
+    for cast, shape, cast_first in itertools.product((True, False), _SHAPES, (True, False)):
+        if not cast_first and (not cast or shape is None):
+            continue  # the order matters only with both steps
+        steps = []
+        if cast:
+            steps.append("cast")
+        if shape is not None:
+            steps.insert(len(steps) if cast_first else 0, shape)
+        yield steps
+
+
 @register
 class LinearCrossEntropy(Pattern):
+    """F.linear -> [cast fp32] -> [flatten] -> F.cross_entropy (either order) ->
+    linear_cross_entropy(hidden, weight, target, bias): no (N, V) fp32 logits saved for backward.
+
+    When the logits are ALSO returned (every HF causal LM called with labels=), the rewrite keeps
+    the plain linear for them (its autograd intact, so a loss on the returned logits still
+    backprops correctly) and computes the loss from the same hidden states and weight; the cast
+    and flatten only the loss read are erased. The report notes that the logits are still
+    materialised. Hidden states are flattened like the logits: the chain only merges leading
+    dims, so row i of the logits is row i of the flattened hidden (labels are shifted, not the
+    logits, in transformers' ForCausalLMLoss).
+    """
+
     name = "linear_cross_entropy"
     family = "cross_entropy"
     priority = 60
     kernel = ("linear_cross_entropy", "linear_cross_entropy")
 
     def searches(self):
-        for cast in (True, False):
-            for view in (None, "view", "reshape"):
-                def make(cast, view):
-                    def f(h, w, b, t, wt, sa, ii, rd, red, ls, dt, shape):
-                        z = F.linear(h, w, b)
-                        if cast:
-                            z = z.to(dt)
-                        if view == "view":
-                            z = z.view(shape)
-                        elif view == "reshape":
-                            z = z.reshape(shape)
-                        return F.cross_entropy(z, t, wt, sa, ii, rd, red, ls)
-                    return f
+        for steps in _lm_head_chains():
+            def make(steps):
+                def f(h, w, b, t, wt, sa, ii, rd, red, ls, dt, shape, fs, fe):
+                    z = F.linear(h, w, b)
+                    for st in steps:
+                        z = z.to(dt) if st == "cast" else _SHAPES[st](z, shape, fs, fe)
+                    return F.cross_entropy(z, t, wt, sa, ii, rd, red, ls)
+                return f
 
-                f = make(cast, view)
-                yield f"cast={cast},view={view}", {"cast": cast, "view": view}, f
+            yield "->".join(["linear", *steps, "cross_entropy"]), {"cast": "cast" in steps, "steps": tuple(steps)}, \
+                make(steps)
+
+    def escapable(self, m):
+        """Values between the LM head and the loss may be used elsewhere (the returned logits):
+        the rewrite leaves them in place and computes the loss beside them."""
+        return {n for n in m.nodes if n not in m.returning}
+
+    def site_nodes(self, m):
+        return [n for n in m.nodes if n.op == "call_function" and n.target is F.linear]
+
+    def note(self, m):
+        if any(u not in set(m.nodes) for n in m.nodes if n not in m.returning for u in n.users):
+            return "logits still materialised: they are returned"
+        return ""
 
     def guard(self, m):
         h = m.val("h")
@@ -149,13 +195,19 @@ class LinearCrossEntropy(Pattern):
         z = [n for n in m.nodes if n.op == "call_function" and n.target is F.cross_entropy][0].args[0]
         from tritonize.fuser.normalize import val
 
-        r = _ce_guard(m, val(z))
+        zv = val(z)
+        r = _ce_guard(m, zv)
         if r:
             return r
         if m.get("ls", 0.0):
             return "label smoothing with the fused LM head"  # kernel supports it; keep the plain path simple
-        from tritonize.patterns import static_int
+        from tritonize.patterns import dim_eq, static_int
 
+        lin = self.site_nodes(m)[0]
+        lv = val(lin)
+        # the flatten must merge the leading (token) dims only: (..., V) -> (N, V), V untouched
+        if lv is None or not dim_eq(zv.shape[-1], lv.shape[-1]):
+            return "the logits' flatten moves the vocabulary dim"
         m.hidden_size = static_int(h.shape[-1])
         if m.hidden_size is None:
             return "hidden size is symbolic"

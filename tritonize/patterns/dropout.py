@@ -1,12 +1,36 @@
 """dropout: F.dropout(x, p, training=True) -> tritonize.kernels.dropout (Philox mask regenerated in
 backward, nothing stored). p == 0 and eval-mode dropout are identities and were removed by
-normalize. Runs last, so dropout inside attention goes to the attention kernel instead."""
+normalize. Runs last, so dropout inside attention goes to the attention kernel instead.
+
+Seed: drawn IN the graph (`torch.randint(0, 2**31 - 1, (), dtype=int64)`, a 0-d CPU tensor node)
+and passed to the kernel's custom op, so a captured graph draws a fresh mask every step and
+Inductor (`rest="inductor"`) never sees an `.item()` of a seed."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
+import torch
+
 from tritonize.patterns import Pattern, is_number, register, tensor_problem
+
+SEED_HIGH = 2**31 - 1
+
+
+def seed_node(m):
+    """A fresh 0-d int64 CPU seed tensor drawn in the graph (torch's default generator)."""
+    return m.call(torch.randint, 0, SEED_HIGH, (), dtype=torch.int64)
+
+
+def _seeded_dropout(x, p, seed):
+    """dropout(x, p) with a seed tensor: the eager fast path (int read on the CPU, no sync) on real
+    tensors, the registered custom op under tracing (Inductor keeps the seed a graph value)."""
+    from tritonize.kernels import _common
+    from tritonize.kernels.dropout import _DropoutFn
+
+    if _common.eager_fast_path(x):
+        return _DropoutFn.apply(x, p, int(seed))
+    return torch.ops.tritonize.dropout_fwd(x, p, seed)
 
 
 @register
@@ -31,5 +55,9 @@ class Dropout(Pattern):
             return f"p {p!r} is not a number in [0, 1]"
         return None
 
+    def kernel_function(self):
+        super().kernel_function()  # import errors decline the pattern
+        return _seeded_dropout
+
     def replace(self, m, fn):
-        return [m.call(fn, m["x"], float(m["p"]), True)]
+        return [m.call(fn, m["x"], float(m["p"]), seed_node(m))]

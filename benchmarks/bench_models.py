@@ -58,11 +58,9 @@ import sys
 import tempfile
 import time
 
-IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)",
-         "torch.compile(reduce-overhead)", "tritonize+inductor+cudagraphs"]
+IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)"]
 # Process order: Liger last (global class patching; also isolated by its own subprocess).
-RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+inductor", "tritonize+inductor+cudagraphs",
-             "torch.compile(reduce-overhead)", "compile(tritonize)", "liger"]
+RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+inductor", "compile(tritonize)", "liger"]
 # (most important rows first: if the budget runs out, what is skipped is the end of the list)
 MODELS = ["gpt2", "llama", "bert"]
 
@@ -93,8 +91,7 @@ def build_config(name: str, quick: bool, max_t: int):
             return tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=max_t,
                                  bos_token_id=0, eos_token_id=0)
         # GPT-2 small, 124M (12 layers, d768). Dropout off in every row, as in modern pretraining
-        # recipes (nanoGPT's default): it keeps the graphs free of CPU seed tensors, which CUDA
-        # graphs (the *cudagraphs / reduce-overhead rows) cannot hold.
+        # recipes (nanoGPT's default), so every row times the same computation.
         return tf.GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if name == "llama":
         if quick:
@@ -186,12 +183,6 @@ def worker(name: str, impl: str, quick: bool) -> None:
         from tritonize import tritonize
 
         runner = tritonize(model, rest="inductor")
-    elif impl == "tritonize+inductor+cudagraphs":
-        from tritonize import tritonize
-
-        runner = tritonize(model, rest="inductor", cudagraphs=True)
-    elif impl == "torch.compile(reduce-overhead)":
-        runner = torch.compile(model, mode="reduce-overhead")
     elif impl in ("eager", "liger"):
         runner = model
     else:
@@ -204,11 +195,7 @@ def worker(name: str, impl: str, quick: bool) -> None:
         ids = torch.randint(0, config.vocab_size, (B, T), generator=g).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(dev == "cuda"))
 
-        graphs = "cudagraphs" in impl or "reduce-overhead" in impl
-
         def step():
-            if graphs:  # a new training iteration: earlier CUDA-graph outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
             loss = runner(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
@@ -251,8 +238,6 @@ def worker(name: str, impl: str, quick: bool) -> None:
         mask = torch.ones_like(ids)
 
         def fwd():
-            if "cudagraphs" in impl or "reduce-overhead" in impl:
-                torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
                 return runner(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -345,7 +330,7 @@ def plot(rows, path, title=""):
         print("# --plot skipped: no successful rows", file=sys.stderr)
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
-    colors = dict(zip(IMPLS, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#17becf", "#8c564b"]))
+    colors = dict(zip(IMPLS, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd"]))
     for j, (model, shape) in enumerate(groups):
         sel = [r for r in rows if r["model"] == model and r.get("shape", "") == shape and "tok_s" in r]
         names = [r["impl"] for r in sel]

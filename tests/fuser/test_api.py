@@ -149,28 +149,3 @@ def test_symbolic_trace_path():
     gm = tritonize_fx(m, x)
     torch.testing.assert_close(gm(x), m(x))
     assert tritonize.report(gm).count("linear_act") == 1 and tritonize.report(gm).count("layer_norm") == 1
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("rest", ["eager", "inductor"])
-def test_cudagraphs_replay_matches_eager(rest):
-    """cudagraphs=True: the fused graphs are replayed as CUDA graphs, forward and backward."""
-    m = _mlp()
-    ref = __import__("copy").deepcopy(m)
-    tritonize(m, rest=rest, cudagraphs=True)
-    for step in range(3):  # capture, then replays (each step with fresh values)
-        x = torch.randn(4, 8, device=DEVICE)
-        torch.compiler.cudagraph_mark_step_begin()
-        y = m(x)
-        y.float().square().sum().backward()
-        y_ref = ref(x)
-        y_ref.float().square().sum().backward()
-        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-        for (n, p), q in zip(m.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=f"step {step} grad {n}")
-    assert tritonize.report(m).count("linear_act") == 1
-
-
-def test_cudagraphs_option_is_checked():
-    with pytest.raises(TypeError, match="cudagraphs must be a bool"):
-        tritonize(_mlp(), cudagraphs="yes")

@@ -99,8 +99,8 @@ class _TritonizedCall:
 # One-time logging calls that libraries make inside forward (transformers' `logger.warning_once`
 # about `loss_type=None` in every causal LM) are a graph break for Dynamo. Inside tritonize's
 # capture they are ignored (Dynamo treats them as no-ops; they still run wherever the code runs
-# eagerly). Generic: every `logging.Logger` method whose name ends in "_once" that a library added
-# (transformers adds warning_once and info_once), not a per-model list.
+# eagerly). Generic: the `logging.Logger.warning_once` method a library added (transformers does),
+# not a per-model list.
 _ONCE: dict = {}
 
 
@@ -108,7 +108,11 @@ def _once_methods() -> set:
     key = len(vars(logging.Logger))  # recomputed only when a library adds methods
     if key not in _ONCE:
         _ONCE.clear()
-        _ONCE[key] = {v for n, v in vars(logging.Logger).items() if n.endswith("_once") and callable(v)}
+        # warning_once only: transformers' methods are lru_cache wrappers, which do not compare,
+        # and Dynamo sorts this config set when it logs compile metrics (two of them there made
+        # it log "Unexpected exception logging compilation metrics" at ERROR on every compile).
+        once = vars(logging.Logger).get("warning_once")
+        _ONCE[key] = {once} if callable(once) else set()
     return _ONCE[key]
 
 
@@ -146,28 +150,24 @@ _counter = [0]
 
 
 def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager", strict: bool = False,
-              dynamic: bool | None = None, cudagraphs: bool = False):
+              dynamic: bool | None = None):
     """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
 
     patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
     out; rest: "eager" (the unfused rest runs as PyTorch) or "inductor"; strict: raise instead of
     running unmodified when Dynamo cannot capture the model; dynamic: torch.compile's `dynamic`
-    (default None = automatic dynamic: at most one recapture when sizes change, see module doc);
-    cudagraphs: replay the captured graphs as CUDA graphs (as torch.compile's "reduce-overhead"),
-    which removes the host time of issuing each kernel — see `capture.make_backend`.
+    (default None = automatic dynamic: at most one recapture when sizes change, see module doc).
     Tritonizing an already tritonized model is a no-op (untritonize first to change options).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tritonize: expected an nn.Module, got {type(model).__name__}")
     if model.__dict__.get(_STATE) is not None:
         return model
-    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic,
-                   cudagraphs=cudagraphs)
+    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic)
     report = Report(type(model).__name__)
     ref = weakref.ref(model)
     report.set_module_names(lambda: [n for n, _ in ref().named_modules()] if ref() is not None else [])
-    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict,
-                           cudagraphs=cudagraphs)
+    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict)
     state = _State(model, report, options)
     _counter[0] += 1
     state.compiled = torch.compile(_entry_for(model, _counter[0]), backend=backend, dynamic=dynamic)

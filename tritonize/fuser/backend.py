@@ -5,7 +5,6 @@ tritonize first. Options come through `options={...}`:
     patterns=None   names (or families) of the patterns to apply; None = all
     exclude=()      names (or families) to leave out
     rest="eager"    what runs the rest of the graph: "eager" or "inductor"
-    cudagraphs=False  replay captured graphs as CUDA graphs (see tritonize.fuser.capture.make_backend)
     report=None     a tritonize Report to fill; default: `tritonize.fuser.backend.GLOBAL_REPORT`
 """
 
@@ -15,7 +14,7 @@ from tritonize.fuser.report import Report
 
 GLOBAL_REPORT = Report("torch.compile(backend='tritonize')")
 
-_OPTIONS = ("patterns", "exclude", "rest", "report", "strict", "cudagraphs")
+_OPTIONS = ("patterns", "exclude", "rest", "report", "strict")
 
 
 def tritonize_backend(gm, example_inputs, options=None, **kwargs):

@@ -81,21 +81,10 @@ def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True) ->
     return gm
 
 
-def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False):
-    """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
-
-    cudagraphs=True replays each captured graph (forward and backward) as a CUDA graph, through
-    PyTorch's CUDA-graph trees: with rest="inductor" as Inductor's `triton.cudagraphs`, with
-    rest="eager" as Dynamo's "cudagraphs" backend over the rewritten graph. It removes the host
-    time of launching every kernel from Python, which is what bounds small and medium models.
-    The usual CUDA-graph contract applies (as for torch.compile's mode="reduce-overhead"): a
-    graph's outputs are overwritten by its next replay, and a graph holding CPU tensors (e.g. a
-    dropout seed) is run without CUDA graphs, which PyTorch reports once.
-    """
+def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False):
+    """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
-    if not isinstance(cudagraphs, bool):
-        raise TypeError(f"tritonize: cudagraphs must be a bool, got {type(cudagraphs).__name__}")
     pats = select_patterns(patterns, exclude)
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
@@ -111,12 +100,7 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         if rest == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            patches = {"triton.cudagraphs": True} if cudagraphs else {}
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        if cudagraphs:
-            from torch._dynamo.backends.cudagraphs import cudagraphs as cudagraphs_backend
-
-            return cudagraphs_backend(gm, example_inputs)
+            return compile_fx(gm, example_inputs)
         return gm.forward
 
     return tritonize_compiler

@@ -3,10 +3,12 @@
 The weight (and bias) gradient of a norm is a sum over every row:
     dw[j] = sum_r dy[r, j] * xhat[r, j]          db[j] = sum_r dy[r, j]
 It is reduced in two stages, never with atomics on a hot (N,) buffer:
-  1. per-program partials: each program of the backward keeps its own fp32 accumulator row and
-     writes it once, into a (G, N) buffer, G ~ a few per SM;
-  2. `_sum_partials_kernel` adds the G rows up (a small column reduction) and casts to the
-     parameter's dtype, dw and db in one launch.
+  1. per-program partials: each program of the backward keeps its own fp32 accumulator row(s) and
+     writes them once, into a (G, K, N) buffer (K = 1 or 2: dw and/or db), G ~ a few per SM;
+  2. `reduce_partials` adds the G rows up with one `torch.sum` (fp32, dw and db together) and
+     casts to the parameters' dtype. A torch reduction, not a Triton kernel: the GPU work is a
+     small column sum either way, but a Triton launch costs ~30-40 us of host time on the H100
+     host against ~5-10 us for a torch op, and the row-wise ops are host-bound at realistic sizes.
 When a row is too wide for a per-program accumulator to stay in registers (N > BWD_FUSED_MAX),
 the row-wise backward computes only dx, and `_norm_dwdb_kernel` computes the partials from
 column tiles instead (it re-reads x and dy once: the price of not spilling a 2x N fp32 accumulator).
@@ -62,43 +64,12 @@ def load_sum_f32(X, R, row_off_x, row_off_r, cols, mask, HAS_RESIDUAL: tl.conste
 
 
 @triton.jit
-def _sum_partials_kernel(
-    P0,  # (G, N) fp32 partial sums of the first gradient (dw)
-    P1,  # (G, N) fp32 partial sums of the second gradient (db), if HAS_SECOND
-    OUT0,  # (N,) first gradient, parameter dtype
-    OUT1,  # (N,) second gradient, parameter dtype, if HAS_SECOND
-    G,
-    N,
-    HAS_SECOND: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program per BLOCK_N columns; walk down the G partial rows in (BLOCK_G, BLOCK_N) tiles
-    # and keep a 2-D fp32 accumulator, summed over rows once at the end.
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    acc0 = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        offs = g.to(tl.int64)[:, None] * N + cols[None, :]
-        m = (g < G)[:, None] & col_ok[None, :]
-        acc0 += tl.load(P0 + offs, mask=m, other=0.0)
-        if HAS_SECOND:
-            acc1 += tl.load(P1 + offs, mask=m, other=0.0)
-    tl.store(OUT0 + cols, tl.sum(acc0, axis=0).to(OUT0.dtype.element_ty), mask=col_ok)
-    if HAS_SECOND:
-        tl.store(OUT1 + cols, tl.sum(acc1, axis=0).to(OUT1.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
 def _norm_dwdb_kernel(
     X,  # (M, N) normalised input (x, or x + residual), row stride stride_x
     DY,  # (M, N) upstream gradient of the normed output, row stride stride_dy
     MEAN,  # (M,) fp32 row means, if HAS_MEAN (layer norm; RMSNorm has none)
     RSTD,  # (M,) fp32 row 1/std
-    DW_PART,  # (G, N) fp32 partial dw, if COMPUTE_DW
-    DB_PART,  # (G, N) fp32 partial db, if COMPUTE_DB
+    PART,  # (G, COMPUTE_DW + COMPUTE_DB, N) fp32 partials: dw (if COMPUTE_DW), then db (if COMPUTE_DB)
     M,
     N,
     stride_x,
@@ -140,10 +111,11 @@ def _norm_dwdb_kernel(
             acc_w += dy * xhat  # dy is 0 outside the mask, so padded lanes add nothing
         if COMPUTE_DB:
             acc_b += dy
+    part = PART + pid_g.to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
     if COMPUTE_DW:
-        tl.store(DW_PART + pid_g.to(tl.int64) * N + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+        tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
     if COMPUTE_DB:
-        tl.store(DB_PART + pid_g.to(tl.int64) * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+        tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,61 +219,46 @@ def persistent_grid(t: torch.Tensor, n_row_blocks: int, block_elems: int, warps:
     return max(1, min(n_row_blocks, device_sms(t) * per_sm))
 
 
-def reduce_partials(dw_part, db_part, dw_out, db_out):
-    """Stage 2: dw_out[j] = sum_g dw_part[g, j] (same for db), cast to the outputs' dtypes."""
-    first_p, first_o = (dw_part, dw_out) if dw_part is not None else (db_part, db_out)
-    second = dw_part is not None and db_part is not None
-    g, n = first_p.shape
-    if n == 0:
-        return
-    if g == 0:
-        first_o.zero_()
-        if second:
-            db_out.zero_()
-        return
-    block_n = 64
-    _sum_partials_kernel[(cdiv(n, block_n),)](
-        first_p,
-        db_part if second else first_p,
-        first_o,
-        db_out if second else first_o,
-        g,
-        n,
-        HAS_SECOND=second,
-        BLOCK_G=32,
-        BLOCK_N=block_n,
-        num_warps=4,
-    )
+def reduce_partials(part, dtypes):
+    """Stage 2: part (G, K, N) fp32 partial sums -> K (N,) gradients, gradient k in dtypes[k].
+
+    One `torch.sum` over G in fp32, then one rounding per gradient (a cast only where the
+    parameter is not fp32); with two gradients of one dtype, one cast and `unbind` (views).
+    """
+    total = part.sum(0)  # (K, N) fp32
+    if len(dtypes) == 1:
+        return (total[0] if dtypes[0] == torch.float32 else total[0].to(dtypes[0])),
+    if dtypes[0] == dtypes[1]:
+        return (total if dtypes[0] == torch.float32 else total.to(dtypes[0])).unbind(0)
+    return tuple(t if d == torch.float32 else t.to(d) for t, d in zip(total.unbind(0), dtypes))
 
 
-def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, dw_part_needed: bool, db_part_needed: bool, *,
+def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw: bool, compute_db: bool, *,
                round_xhat: bool):
-    """Stage 1 for wide rows: (G, N) fp32 partials of dw/db from column tiles (any N).
-    x2 / dy2: base tensors of (m, n) rows with the given row strides (see `as_rows`)."""
+    """Stage 1 for wide rows: (G, K, N) fp32 partials of dw and/or db (K = compute_dw +
+    compute_db) from column tiles (any N). x2 / dy2: base tensors of (m, n) rows with the given
+    row strides (see `as_rows`)."""
     block_m, block_n = 32, 128
     col_blocks = cdiv(n, block_n)
     # enough programs to fill the GPU ~4 deep, but few row groups so stage 2 stays small
     g = max(1, min(cdiv(m, block_m), cdiv(device_sms(x2) * 4, col_blocks)))
-    dw_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if dw_part_needed else None
-    db_part = torch.empty((g, n), dtype=torch.float32, device=x2.device) if db_part_needed else None
-    dummy = rstd
+    part = torch.empty((g, int(compute_dw) + int(compute_db), n), dtype=torch.float32, device=x2.device)
     _norm_dwdb_kernel[(col_blocks, g)](
         x2,
         dy2,
-        mean if mean is not None else dummy,
+        mean if mean is not None else rstd,
         rstd,
-        dw_part if dw_part is not None else dummy,
-        db_part if db_part is not None else dummy,
+        part,
         m,
         n,
         stride_x,
         stride_dy,
         HAS_MEAN=mean is not None,
         ROUND_XHAT=round_xhat,
-        COMPUTE_DW=dw_part_needed,
-        COMPUTE_DB=db_part_needed,
+        COMPUTE_DW=compute_dw,
+        COMPUTE_DB=compute_db,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=4,
     )
-    return dw_part, db_part
+    return part

@@ -37,7 +37,6 @@ casts it).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -45,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
+from ._norm_common import device_ctx, next_pow2
+from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
 
 # Widest column block of the row walk. 32768 values over 32 warps (Liger's H100 choice) keeps
 # 32 fp32 registers per thread per live tensor. The interpreter uses a small block so that CPU
@@ -197,8 +197,9 @@ def _cross_entropy_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# A torch.cuda.device context only when t is not on the current device (~10 us of host time per
+# launch otherwise); see _norm_common.device_ctx.
+_device = device_ctx
 
 
 @functools.lru_cache(maxsize=256)
@@ -288,7 +289,7 @@ def cross_entropy_backward(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
     if grad.numel() == 0:
         return
     assert grad.stride(1) == 1 or c <= 1
-    blk = min(triton.next_power_of_2(c), SCALE_BLOCK)
+    blk = min(next_pow2(c), SCALE_BLOCK)
     with _device(grad):
         _cross_entropy_bwd_kernel[(r,)](
             grad, grad_loss, grad.stride(0), grad_loss.stride(0) if grad_loss.dim() else 0, c,
@@ -610,6 +611,23 @@ def check_common(op, reduction, label_smoothing, logit_softcap, ignore_index):
         )  # fmt: skip
 
 
+def _check_detailed(op, logits, target, ignore_index, reduction, label_smoothing, logit_softcap, normalizer, inplace):
+    check_tensor(op, "logits", logits)
+    check_tensor(op, "target", target, dtypes=TARGET_DTYPES)
+    check_same_device(op, logits=logits, target=target)
+    check_arg(op, "logits", logits.dim() >= 1, "must have at least 1 dim (..., V)")
+    check_arg(
+        op, "target", tuple(target.shape) == tuple(logits.shape[:-1]),
+        f"must have shape {tuple(logits.shape[:-1])} (logits' shape without the class dim), got {tuple(target.shape)}",
+    )  # fmt: skip
+    check_common(op, reduction, label_smoothing, logit_softcap, ignore_index)
+    check_arg(op, "inplace", isinstance(inplace, bool), f"must be a bool, got {inplace!r}")
+    if normalizer is not None:
+        check_arg(op, "normalizer", reduction != "none", "cannot be combined with reduction='none'")
+    v = logits.shape[-1]
+    check_arg(op, "logits", v > 0 or target.numel() == 0, "has an empty class dim (V == 0)")
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -630,21 +648,30 @@ def cross_entropy(
     else needs the logits afterwards). Bad CUDA targets give a NaN loss (see the module doc).
     """
     op = "cross_entropy"
-    check_tensor(op, "logits", logits)
-    check_tensor(op, "target", target, dtypes=TARGET_DTYPES)
-    check_same_device(op, logits=logits, target=target)
-    check_arg(op, "logits", logits.dim() >= 1, "must have at least 1 dim (..., V)")
-    check_arg(
-        op, "target", tuple(target.shape) == tuple(logits.shape[:-1]),
-        f"must have shape {tuple(logits.shape[:-1])} (logits' shape without the class dim), got {tuple(target.shape)}",
-    )  # fmt: skip
-    check_common(op, reduction, label_smoothing, logit_softcap, ignore_index)
-    check_arg(op, "inplace", isinstance(inplace, bool), f"must be a bool, got {inplace!r}")
-    if normalizer is not None:
-        check_arg(op, "normalizer", reduction != "none", "cannot be combined with reduction='none'")
+    T = torch.Tensor
+    # Fast path for the common (valid) call: attribute reads only. The detailed checks below
+    # format their messages (shape tuples, f-strings) eagerly, ~tens of us per call; they run
+    # only when something is off (or for the rarer arguments: soft-capping, a normalizer).
+    if not (
+        isinstance(logits, T)
+        and isinstance(target, T)
+        and logits.dtype in FLOAT_DTYPES
+        and target.dtype in TARGET_DTYPES
+        and logits.device == target.device
+        and logits.dim() >= 1
+        and target.shape == logits.shape[:-1]
+        and reduction in REDUCTIONS
+        and type(ignore_index) is int
+        and type(label_smoothing) is float
+        and 0.0 <= label_smoothing <= 1.0
+        and logit_softcap is None
+        and normalizer is None
+        and type(inplace) is bool
+        and logits.shape[-1] > 0
+    ):
+        _check_detailed(op, logits, target, ignore_index, reduction, label_smoothing, logit_softcap, normalizer, inplace)
     v = logits.shape[-1]
-    check_arg(op, "logits", v > 0 or target.numel() == 0, "has an empty class dim (V == 0)")
-    check_targets(op, target, v, ignore_index)
+    check_targets(op, target, v, ignore_index)  # CPU targets only: returns at once for CUDA ones
     norm_t, scale = prepare_normalizer(op, normalizer, logits.device)
     if normalizer is not None:
         reduction = "sum"  # loss = sum / normalizer, whatever the reduction said (transformers' rule)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Elements per program. The interpreter runs programs one after another (numpy underneath), so
@@ -115,7 +115,8 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    md = _merge_dims(x)
+    # contiguous: one row of numel elements, without _merge_dims' per-dim loop (hot path)
+    md = (1, x.numel(), 0, 1) if x.is_contiguous() else _merge_dims(x)
     if md is None:
         # Dims that no (R, N) view can express (e.g. a permuted 3-D slice): one explicit copy.
         x = x.contiguous()
@@ -185,16 +186,13 @@ class _DropoutFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p, seed):
+        # the launchers directly: the public function has checked that Triton runs on x
         ctx.p, ctx.seed = p, seed
-        if use_triton(x):
-            return dropout_forward(x, p, seed)
-        return dropout_reference(x, p, seed, upcast=True)
+        return dropout_forward(x, p, seed)
 
     @staticmethod
     def backward(ctx, dy):
-        if use_triton(dy):
-            return dropout_backward(dy, ctx.p, ctx.seed), None, None
-        return dropout_reference(dy, ctx.p, ctx.seed, upcast=True), None, None
+        return dropout_backward(dy, ctx.p, ctx.seed), None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +228,12 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: int
     gradients. `seed` (optional int) fixes the mask; by default it is drawn from torch's default
     generator, so `torch.manual_seed` makes runs reproducible.
     """
-    check_tensor("dropout", "x", x)
-    if not isinstance(p, numbers.Real) or isinstance(p, bool):
-        raise TypeError(f"tritonize.dropout: argument 'p' must be a float, got {type(p).__name__}")
-    check_arg("dropout", "p", 0.0 <= p <= 1.0, f"must be in [0, 1], got {p}")
+    # fast path for the common (valid) call: no message is formatted unless a check fails
+    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and type(p) is float and 0.0 <= p <= 1.0):
+        check_tensor("dropout", "x", x)
+        if not isinstance(p, numbers.Real) or isinstance(p, bool):
+            raise TypeError(f"tritonize.dropout: argument 'p' must be a float, got {type(p).__name__}")
+        check_arg("dropout", "p", 0.0 <= p <= 1.0, f"must be in [0, 1], got {p}")
     if seed is not None:
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"tritonize.dropout: argument 'seed' must be an int, got {type(seed).__name__}")

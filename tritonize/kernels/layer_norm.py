@@ -21,6 +21,7 @@ import triton.language as tl
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
 from tritonize.kernels._common import (
+    FLOAT_DTYPES,
     check_arg,
     check_same_device,
     check_tensor,
@@ -133,8 +134,7 @@ def _layer_norm_bwd_kernel(
     MEAN,  # (M,) fp32
     RSTD,  # (M,) fp32
     DX,  # (M, N) gradient of s (= of x and of residual), contiguous, x's dtype
-    DW_PART,  # (G, N) fp32 per-program partial dweight (if COMPUTE_DW)
-    DB_PART,  # (G, N) fp32 per-program partial dbias (if COMPUTE_DB)
+    PART,  # (G, COMPUTE_DW + COMPUTE_DB, N) fp32 per-program partials: dweight, then dbias
     M,
     N,
     stride_x,
@@ -184,10 +184,11 @@ def _layer_norm_bwd_kernel(
                 acc_w += dy * xhat
             if COMPUTE_DB:
                 acc_b += dy
+        part = PART + pid.to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
         if COMPUTE_DW:
-            tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+            tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
         if COMPUTE_DB:
-            tl.store(DB_PART + pid.to(tl.int64) * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+            tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
     else:
         # Row wider than the register budget: pass 1 accumulates c1, c2 over chunks, pass 2
         # re-reads the row (from L2) and writes dx. dweight/dbias come from _norm_dwdb_kernel.
@@ -280,24 +281,21 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
     """Gradients of layer norm. `xin` is the normalised input (x, or x + residual), `ds` the
     upstream gradient of the returned sum (add variant). Returns (dx, dw, db); dw/db are None
     when not computed."""
-    shape = xin.shape
-    n = shape[-1]
+    n = xin.shape[-1]
     compute_dw = compute_dw and weight is not None
+    need_acc = compute_dw or compute_db
     x2, m, stride_x = nc.as_rows(xin)
     # An upstream gradient can arrive expanded (stride 0) or transposed: rows_2d copies it then.
     dy2, _, stride_dy = nc.as_rows(dy)
     ds2, _, stride_ds = nc.as_rows(ds) if ds is not None else (dy2, m, stride_dy)
     dx = torch.empty_like(xin, memory_format=torch.contiguous_format)
-    dw = torch.empty((n,), dtype=dw_dtype or (weight.dtype if weight is not None else xin.dtype),
-                     device=xin.device) if compute_dw else None
-    db = torch.empty((n,), dtype=db_dtype or xin.dtype, device=xin.device) if compute_db else None
+    dw_dtype = dw_dtype or (weight.dtype if weight is not None else xin.dtype)
+    db_dtype = db_dtype or xin.dtype
     if m == 0 or n == 0:
-        for t in (dw, db):
-            if t is not None:
-                t.zero_()
-        return dx, dw, db
+        zeros = lambda d: torch.zeros((n,), dtype=d, device=xin.device)  # noqa: E731
+        return dx, (zeros(dw_dtype) if compute_dw else None), (zeros(db_dtype) if compute_db else None)
     weight = nc.vec(weight)
-    fused_acc = (compute_dw or compute_db) and n <= nc.BWD_FUSED_MAX
+    fused_acc = need_acc and n <= nc.BWD_FUSED_MAX
     block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
                                              "ln_bwd" if fused_acc else "ln_dx")
     if fused_acc:
@@ -307,8 +305,9 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
         grid = min(m, nc.device_sms(xin) * nc.LOOP_PROGRAMS_PER_SM)
     else:
         grid = nc.cdiv(m, rows)  # one row block per program: nothing to carry across rows
-    dw_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_dw else None
-    db_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc and compute_db else None
+    # one (G, K, N) buffer for the dw and db partials (K = 1 or 2): one allocation, one reduction
+    part = (torch.empty((grid, int(compute_dw) + int(compute_db), n), dtype=torch.float32, device=xin.device)
+            if fused_acc else mean)  # (mean: an unused pointer when the kernel computes dx only)
     with nc.device_ctx(xin):
         _layer_norm_bwd_kernel[(grid,)](
             x2,
@@ -318,8 +317,7 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
             mean,
             rstd,
             dx,
-            dw_part if dw_part is not None else mean,
-            db_part if db_part is not None else mean,
+            part,
             m,
             n,
             stride_x,
@@ -327,19 +325,23 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
             stride_ds,
             HAS_WEIGHT=weight is not None,
             HAS_DS=ds is not None,
-            COMPUTE_DW=dw_part is not None,
-            COMPUTE_DB=db_part is not None,
+            COMPUTE_DW=fused_acc and compute_dw,
+            COMPUTE_DB=fused_acc and compute_db,
             LOOP=loop,
             ROWS=rows,
             BLOCK_N=block,
             num_warps=warps,
         )
-        if (compute_dw or compute_db) and not fused_acc:
-            dw_part, db_part = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw, compute_db,
-                                               round_xhat=False)
-        if compute_dw or compute_db:
-            nc.reduce_partials(dw_part, db_part, dw, db)
-    return dx, dw, db
+        if not need_acc:
+            return dx, None, None
+        if not fused_acc:
+            part = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw, compute_db,
+                                 round_xhat=False)
+    if compute_dw and compute_db:
+        dw, db = nc.reduce_partials(part, (dw_dtype, db_dtype))
+        return dx, dw, db
+    (g,) = nc.reduce_partials(part, (dw_dtype if compute_dw else db_dtype,))
+    return dx, (g if compute_dw else None), (g if compute_db else None)
 
 
 # =============================================================================================
@@ -376,8 +378,8 @@ def _bwd_torch(dy, ds, xin, weight, mean, rstd, compute_dw, compute_db, dw_dtype
     return dx.to(xin.dtype), dw, db
 
 
-# The two impls below are what both entry points run: the custom ops (torch.compile, fake
-# tensors, functorch) and the eager fast path (_LayerNormFn). `s` is None without a residual.
+# The two impls below are what the custom ops (torch.compile, fake tensors, functorch) run; the
+# eager fast path (_LayerNormFn) calls the same launchers directly. `s` is None without a residual.
 
 
 def _fwd_impl(x, residual, weight, bias, eps):
@@ -474,14 +476,15 @@ _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _LayerNormFn(torch.autograd.Function):
-    """Eager fast path (see `_common.eager_fast_path`): the same impls as the custom ops, without
-    their dispatch layers, which cost several times the Python time of a plain autograd.Function
-    per forward+backward and leave the GPU idle at realistic sizes. Returns y, or (y, s) with a
-    residual; mean/rstd stay inside ctx (no extra outputs for autograd to track)."""
+    """Eager fast path (see `_common.eager_fast_path`): the launchers called directly (the public
+    function has already checked that Triton runs on x), without the custom ops' dispatch layers,
+    which cost several times the Python time of a plain autograd.Function per forward+backward
+    and leave the GPU idle at realistic sizes. Returns y, or (y, s) with a residual; mean/rstd
+    stay inside ctx (no extra outputs for autograd to track)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd = _fwd_impl(x, residual, weight, bias, eps)
+        y, s, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         ctx.has_residual = residual is not None
         ctx.save_for_backward(s if residual is not None else x, weight, bias, mean, rstd)
@@ -490,12 +493,16 @@ class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds=None):
         xin, weight, bias, mean, rstd = ctx.saved_tensors
-        need_w, need_b = ctx.needs_input_grad[2:4]
+        _, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        need_w = need_w and weight is not None
+        need_b = need_b and bias is not None
         if dy is None:  # only the sum output was used downstream
             dy = torch.zeros_like(xin)
-        dx, dw, db = _bwd_impl(dy, ds if ctx.has_residual else None, xin, weight, bias, mean, rstd,
-                               bool(need_w), bool(need_b))
-        return _grads(ctx.needs_input_grad, ctx.has_residual, weight, bias, dx, dw, db)
+        dx, dw, db = layer_norm_backward(
+            dy, xin, weight, mean, rstd, ds=ds if ctx.has_residual else None, compute_dw=need_w,
+            compute_db=need_b, dw_dtype=weight.dtype if need_w else None, db_dtype=bias.dtype if need_b else None,
+        )  # fmt: skip
+        return (dx if ctx.needs_input_grad[0] else None, dx if need_r and ctx.has_residual else None, dw, db, None)
 
 
 # =============================================================================================
@@ -524,6 +531,29 @@ def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, residual=None, upc
 
 
 def _check(op, x, residual, weight, bias, eps):
+    # Fast path for the common (valid) call: attribute reads only. The detailed checks below
+    # build their messages eagerly (f-strings, shape tuples: ~10 us per call, a real share of a
+    # row-wise op's host time); they run only when something is off, and then raise.
+    T = torch.Tensor
+    if (
+        isinstance(x, T)
+        and x.dtype in FLOAT_DTYPES
+        and x.dim() >= 1
+        and (residual is None if not op.startswith("add_") else
+             (isinstance(residual, T) and residual.dtype == x.dtype and residual.shape == x.shape
+              and residual.device == x.device))
+        and (weight is None or (isinstance(weight, T) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
+                                and weight.shape[0] == x.shape[-1] and weight.device == x.device))
+        and (bias is None or (isinstance(bias, T) and bias.dtype in FLOAT_DTYPES and bias.dim() == 1
+                              and bias.shape[0] == x.shape[-1] and bias.device == x.device))
+        and type(eps) is float
+        and eps > 0
+    ):
+        return
+    _check_detailed(op, x, residual, weight, bias, eps)
+
+
+def _check_detailed(op, x, residual, weight, bias, eps):
     check_tensor(op, "x", x)
     check_arg(op, "x", x.dim() >= 1, "must have at least one dimension (the normalised one)")
     n = x.shape[-1]

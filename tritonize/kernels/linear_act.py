@@ -58,7 +58,6 @@ ops are used, so graphs see one opaque op.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -79,6 +78,9 @@ from tritonize.kernels._activations import (
     activation_grad_from_output,
     check_activation,
 )
+# cdiv / next_pow2: triton's without their constexpr_function wrapper (~4 us a call on the host);
+# device_ctx: a torch.cuda.device context only when x is not on the current device (~10 us otherwise)
+from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2
 from tritonize.kernels._common import FLOAT_DTYPES, INTERPRET, check_arg, eager_fast_path, tuning_candidates, check_same_device, check_tensor, use_triton
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
@@ -203,7 +205,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _m_bucket(m: int) -> int:
-    return min(max(triton.next_power_of_2(m), 64), 8192)
+    return min(max(next_pow2(m), 64), 8192)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,13 +620,13 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
     N = weight.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     impl = _forward_impl(M, N, K, 1)
-    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+    with device_ctx(x2):
         if impl == "cublas":
             z = F.linear(x2, weight, bias)  # cuBLAS writes Z; a second pass applies act
             _launch_act_fwd(z, None, y, activation)
             return y, (z if store_pre else None)
         pre = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if store_pre else None
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if impl == "tma" and _tma_ok(x2, weight):
             _linear_act_fwd_tma_kernel[grid](
                 _desc(x2), _desc(weight), bias if bias is not None else y, y, pre if store_pre else y,
@@ -646,7 +648,7 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
 def _launch_act_fwd(a, b, out, activation):
     n = out.numel()
     BLOCK = 4096
-    _act_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+    _act_fwd_kernel[(cdiv(n, BLOCK),)](
         a, b if b is not None else a, out, n, ACTIVATION=activation, GATED=b is not None, BLOCK=BLOCK, num_warps=8
     )
 
@@ -656,7 +658,7 @@ def linear_act_recompute_dz(dy2, x2, weight, bias, activation: str):
     M, K = x2.shape
     N = weight.shape[0]
     dz = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _linear_act_fwd_kernel[grid](
         x2, weight, bias if bias is not None else dz, dz, dz, dy2,
         M, N, K,
@@ -678,7 +680,7 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
     M, K = x2.shape
     N = weight.shape[0]
     db = None
-    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+    with device_ctx(x2):
         if activation == "none":
             dz = dy2  # identity: dZ = dY, no pass over memory at all
             if need_db:
@@ -691,9 +693,9 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
             from_out = GRAD_FROM_OUTPUT[activation]
             # Z is ours alone: overwrite it with dZ. Y belongs to the caller: new buffer.
             dz = torch.empty_like(saved2) if from_out else saved2
-            n_mb = triton.cdiv(M, _EW_BLOCK_M)
+            n_mb = cdiv(M, _EW_BLOCK_M)
             dbp = torch.empty((n_mb, N), device=x2.device, dtype=torch.float32) if need_db else dz
-            _linear_act_bwd_kernel[(n_mb, triton.cdiv(N, _EW_BLOCK_N))](
+            _linear_act_bwd_kernel[(n_mb, cdiv(N, _EW_BLOCK_N))](
                 dy2, saved2, dz, dbp, M, N, dy2.stride(0), dy2.stride(1), saved2.stride(0),
                 ACTIVATION=activation, GRAD_FROM_OUT=from_out, HAS_BIAS=need_db,
                 BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
@@ -711,7 +713,7 @@ def gated_linear_forward(x2, w_gate, w_up, activation: str, store_gu: bool = Tru
     M, K = x2.shape
     N = w_gate.shape[0]
     impl = _forward_impl(M, N, K, 2)
-    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
+    with device_ctx(x2):
         if impl == "cublas":
             g = F.linear(x2, w_gate)
             u = F.linear(x2, w_up)
@@ -721,7 +723,7 @@ def gated_linear_forward(x2, w_gate, w_up, activation: str, store_gu: bool = Tru
         out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
         g = torch.empty_like(out) if store_gu else None
         u = torch.empty_like(out) if store_gu else None
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if impl == "tma" and _tma_ok(x2, w_gate, w_up):
             _gated_linear_fwd_tma_kernel[grid](
                 _desc(x2), _desc(w_gate), _desc(w_up), out, g if store_gu else out, u if store_gu else out,
@@ -744,8 +746,8 @@ def gated_linear_backward(dy2, x2, w_gate, w_up, g2, u2, activation: str, need_d
     """(dx | None, dwg | None, dwu | None). Writes dG over g2 and dU over u2 (in place)."""
     M, K = x2.shape
     N = w_gate.shape[0]
-    with torch.cuda.device(x2.device) if x2.is_cuda else nullcontext():
-        _gated_linear_bwd_kernel[(triton.cdiv(M, _EW_BLOCK_M), triton.cdiv(N, _EW_BLOCK_N))](
+    with device_ctx(x2):
+        _gated_linear_bwd_kernel[(cdiv(M, _EW_BLOCK_M), cdiv(N, _EW_BLOCK_N))](
             dy2, g2, u2, M, N, dy2.stride(0), dy2.stride(1), g2.stride(0),
             ACTIVATION=activation, BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
         )  # fmt: skip

@@ -30,10 +30,11 @@ matmul, no extra memory).
 from __future__ import annotations
 
 import torch
-import triton
 
-from ._common import check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
+from ._common import FLOAT_DTYPES, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
+from ._norm_common import cdiv, next_pow2
 from .cross_entropy import (
+    REDUCTIONS,
     TARGET_DTYPES,
     check_common,
     check_targets,
@@ -58,8 +59,9 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
     that part near a third of the chunk's matmul time: 512 rows gave 23.5 ms (0.99x eager) at
     H2048, 1024 rows 39.0 ms (0.97x eager) at H4096, for 10-17% more memory than Liger's chunks.
     """
-    liger = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(max(v, 1), h)))
-    c = max(liger, triton.next_power_of_2(max(h // 4, 1)))
+    # int arithmetic: triton.cdiv / next_power_of_2 cost ~4 us a call on the host (constexpr_function)
+    liger = next_pow2(cdiv(n, cdiv(max(v, 1), h)))
+    c = max(liger, next_pow2(max(h // 4, 1)))
     return max(1, min(n, max(MIN_CHUNK, min(MAX_CHUNK, c))))
 
 
@@ -364,27 +366,8 @@ def linear_cross_entropy_reference(
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    *,
-    label_smoothing: float = 0.0,
-    logit_softcap: float | None = None,
-    normalizer=None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """cross_entropy(F.linear(hidden, weight, bias), target) without materialising the logits.
-
-    hidden (..., H); weight (V, H); bias (V,) or None; target (...). Semantics of
-    tritonize.kernels.cross_entropy (fp32 loss; mean over non-ignored targets, 0 when all are
-    ignored; `normalizer` -> sum / normalizer, matching transformers' num_items_in_batch;
-    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk (default from N, H, V).
-    """
-    op = "linear_cross_entropy"
+def _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, logit_softcap,
+                    normalizer, chunk_size):
     check_tensor(op, "hidden", hidden)
     check_tensor(op, "weight", weight)
     check_tensor(op, "bias", bias, optional=True)
@@ -416,7 +399,48 @@ def linear_cross_entropy(
             f"must be a positive int or None, got {chunk_size!r}",
         )  # fmt: skip
     check_arg(op, "weight", v > 0 or target.numel() == 0, "has no rows (V == 0)")
-    check_targets(op, target, v, ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    label_smoothing: float = 0.0,
+    logit_softcap: float | None = None,
+    normalizer=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """cross_entropy(F.linear(hidden, weight, bias), target) without materialising the logits.
+
+    hidden (..., H); weight (V, H); bias (V,) or None; target (...). Semantics of
+    tritonize.kernels.cross_entropy (fp32 loss; mean over non-ignored targets, 0 when all are
+    ignored; `normalizer` -> sum / normalizer, matching transformers' num_items_in_batch;
+    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk (default from N, H, V).
+    """
+    op = "linear_cross_entropy"
+    T = torch.Tensor
+    # Fast path for the common (valid) call: attribute reads only; the detailed checks below
+    # format their messages eagerly and run only when something is off (or for rarer arguments).
+    if not (
+        isinstance(hidden, T) and isinstance(weight, T) and isinstance(target, T)
+        and hidden.dtype in FLOAT_DTYPES and weight.dtype == hidden.dtype and target.dtype in TARGET_DTYPES
+        and (bias is None or (isinstance(bias, T) and bias.dtype == hidden.dtype and bias.dim() == 1
+                              and bias.shape[0] == weight.shape[0] and bias.device == hidden.device))
+        and logit_softcap is None and normalizer is None and chunk_size is None
+        and weight.device == hidden.device and target.device == hidden.device
+        and hidden.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1] and weight.shape[0] > 0
+        and target.shape == hidden.shape[:-1]
+        and reduction in REDUCTIONS and type(ignore_index) is int
+        and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
+    ):
+        _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, logit_softcap,
+                        normalizer, chunk_size)
+    v = weight.shape[0]
+    check_targets(op, target, v, ignore_index)  # CPU targets only: returns at once for CUDA ones
     norm_t, scale = prepare_normalizer(op, normalizer, hidden.device)
     if normalizer is not None:
         reduction = "sum"  # loss = sum / normalizer, whatever the reduction said (transformers' rule)

@@ -22,6 +22,7 @@ import triton.language as tl
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
 from tritonize.kernels._common import (
+    FLOAT_DTYPES,
     check_arg,
     check_same_device,
     check_tensor,
@@ -109,7 +110,7 @@ def _rms_norm_bwd_kernel(
     DS,  # (M, N) gradient of the returned s, row stride stride_ds (if HAS_DS)
     RSTD,  # (M,) fp32
     DX,  # (M, N) gradient of s (= of x and of residual), contiguous, x's dtype
-    DW_PART,  # (G, N) fp32 per-program partial dweight (if COMPUTE_DW)
+    DW_PART,  # (G, 1, N) fp32 per-program partial dweight (if COMPUTE_DW)
     M,
     N,
     stride_x,
@@ -246,11 +247,8 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
     dy2, _, stride_dy = nc.as_rows(dy)
     ds2, _, stride_ds = nc.as_rows(ds) if ds is not None else (dy2, m, stride_dy)
     dx = torch.empty_like(xin, memory_format=torch.contiguous_format)
-    dw = torch.empty((n,), dtype=weight.dtype, device=xin.device) if compute_dw else None
     if m == 0 or n == 0:
-        if dw is not None:
-            dw.zero_()
-        return dx, dw
+        return dx, (torch.zeros((n,), dtype=weight.dtype, device=xin.device) if compute_dw else None)
     weight = nc.vec(weight)
     fused_acc = compute_dw and n <= nc.BWD_FUSED_MAX
     block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
@@ -262,7 +260,8 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
         grid = min(m, nc.device_sms(xin) * nc.LOOP_PROGRAMS_PER_SM)
     else:
         grid = nc.cdiv(m, rows)  # one row block per program: nothing to carry across rows
-    dw_part = torch.empty((grid, n), dtype=torch.float32, device=xin.device) if fused_acc else None
+    # (G, 1, N): the (G, K, N) layout of nc.reduce_partials with K = 1
+    dw_part = torch.empty((grid, 1, n), dtype=torch.float32, device=xin.device) if fused_acc else None
     with nc.device_ctx(xin):
         _rms_norm_bwd_kernel[(grid,)](
             x2,
@@ -285,10 +284,11 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
             BLOCK_N=block,
             num_warps=warps,
         )
-        if compute_dw and not fused_acc:
-            dw_part, _ = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, None, rstd, True, False, round_xhat=True)
-        if compute_dw:
-            nc.reduce_partials(dw_part, None, dw, None)
+        if not compute_dw:
+            return dx, None
+        if not fused_acc:
+            dw_part = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, None, rstd, True, False, round_xhat=True)
+    (dw,) = nc.reduce_partials(dw_part, (weight.dtype,))
     return dx, dw
 
 
@@ -319,8 +319,8 @@ def _bwd_torch(dy, ds, xin, weight, rstd, compute_dw):
     return dx.to(xin.dtype), dw
 
 
-# The two impls below are what both entry points run: the custom ops (torch.compile, fake
-# tensors, functorch) and the eager fast path (_RMSNormFn). `s` is None without a residual.
+# The two impls below are what the custom ops (torch.compile, fake tensors, functorch) run; the
+# eager fast path (_RMSNormFn) calls the same launchers directly. `s` is None without a residual.
 
 
 def _fwd_impl(x, residual, weight, eps):
@@ -407,11 +407,12 @@ _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _RMSNormFn(torch.autograd.Function):
     """Eager fast path (see `_common.eager_fast_path` and layer_norm._LayerNormFn): the same
-    impls as the custom ops without their dispatch layers. Returns y, or (y, s) with a residual."""
+    launchers as the custom ops without their dispatch layers (the public function has already
+    checked that Triton runs on x). Returns y, or (y, s) with a residual."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        y, s, rstd = _fwd_impl(x, residual, weight, eps)
+        y, s, rstd = rms_norm_forward(x, weight, eps, residual)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         ctx.has_residual = residual is not None
         ctx.save_for_backward(s if residual is not None else x, weight, rstd)
@@ -422,8 +423,10 @@ class _RMSNormFn(torch.autograd.Function):
         xin, weight, rstd = ctx.saved_tensors
         if dy is None:  # only the sum output was used downstream
             dy = torch.zeros(xin.shape, dtype=_out_dtype(xin, weight), device=xin.device)
-        dx, dw = _bwd_impl(dy, ds if ctx.has_residual else None, xin, weight, rstd, bool(ctx.needs_input_grad[2]))
-        return _grads(ctx.needs_input_grad, ctx.has_residual, weight, dx, dw)
+        need_x, need_r, need_w = ctx.needs_input_grad[:3]
+        dx, dw = rms_norm_backward(dy, xin, weight, rstd, ds=ds if ctx.has_residual else None,
+                                   compute_dw=need_w and weight is not None)
+        return (dx if need_x else None), (dx if need_r and ctx.has_residual else None), dw, None
 
 
 # =============================================================================================
@@ -453,6 +456,26 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None, upcast=False):
 
 
 def _check(op, x, residual, weight, eps):
+    # Fast path for the common (valid) call: attribute reads only (see layer_norm._check); the
+    # detailed checks, which build their messages eagerly, run only when something is off.
+    T = torch.Tensor
+    if (
+        isinstance(x, T)
+        and x.dtype in FLOAT_DTYPES
+        and x.dim() >= 1
+        and (residual is None if not op.startswith("add_") else
+             (isinstance(residual, T) and residual.dtype == x.dtype and residual.shape == x.shape
+              and residual.device == x.device))
+        and (weight is None or (isinstance(weight, T) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
+                                and weight.shape[0] == x.shape[-1] and weight.device == x.device))
+        and type(eps) is float
+        and eps > 0
+    ):
+        return
+    _check_detailed(op, x, residual, weight, eps)
+
+
+def _check_detailed(op, x, residual, weight, eps):
     check_tensor(op, "x", x)
     check_arg(op, "x", x.dim() >= 1, "must have at least one dimension (the normalised one)")
     n = x.shape[-1]

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Widest row done in one block (as Liger); above it the looped (online) kernel walks the row in
@@ -204,6 +204,16 @@ def _row_dims(tensors, dim):
     return r1, r2, n, [(a, b, t.stride(dim)) for a, b, t in zip(st1, st2, tensors)]
 
 
+def _row_dims_contiguous(t, dim, n_tensors=2):
+    """`_row_dims` for the usual case, without its per-dim loop (host time on the hot path): all
+    tensors contiguous (an empty_like of a contiguous tensor is) and the softmax dim last, so
+    every leading dim merges into R2 with row stride N. Any other dim: the general `_row_dims`."""
+    if dim != t.dim() - 1:
+        return _row_dims((t,) * n_tensors, dim)
+    n = t.shape[-1]
+    return 1, t.numel() // n, n, [(0, n, 1)] * n_tensors
+
+
 @functools.lru_cache(maxsize=1024)
 def _launch_config(rows_p2: int, n: int, rows_unit: bool, max_block: int, loop_block: int, num_warps):
     """(BLOCK_R, BLOCK_N, ONE_BLOCK, num_warps), deterministic: no autotune, no recompiles per shape.
@@ -241,7 +251,7 @@ def softmax_forward(
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    rd = _row_dims((x, y), dim)
+    rd = _row_dims_contiguous(x, dim) if x.is_contiguous() else _row_dims((x, y), dim)
     if rd is None:
         # Leading dims not expressible as two strided dims (e.g. a 4-D permuted slice): one
         # explicit copy makes them mergeable.
@@ -273,7 +283,10 @@ def softmax_backward(
     dx = torch.empty_like(y)
     if y.numel() == 0:
         return dx
-    rd = _row_dims((y, dy, dx), dim)
+    if y.is_contiguous() and dy.is_contiguous():
+        rd = _row_dims_contiguous(y, dim, 3)
+    else:
+        rd = _row_dims((y, dy, dx), dim)
     if rd is None:
         # See softmax_forward: an explicit copy where the leading dims do not merge.
         y, dy = y.contiguous(), dy.contiguous()
@@ -344,7 +357,8 @@ class _SoftmaxFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim):
-        y = _fwd_impl(x, dim)
+        # the launcher directly: the public function has checked that Triton runs on x
+        y = softmax_forward(x, dim)
         ctx.dim = dim
         ctx.save_for_backward(y)
         return y
@@ -352,9 +366,7 @@ class _SoftmaxFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        if use_triton(y):
-            return softmax_backward(y, dy, ctx.dim), None
-        return softmax_backward_reference(y, dy, ctx.dim, upcast=True), None
+        return softmax_backward(y, dy, ctx.dim), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,11 +395,13 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
     Any dim, any strides; rows of any width (one block up to 32768, looped above).
     """
-    check_tensor("softmax", "x", x)
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"tritonize.softmax: argument 'dim' must be an int, got {type(dim).__name__}")
-    nd = max(x.dim(), 1)
-    check_arg("softmax", "dim", -nd <= dim < nd, f"is out of range for a {x.dim()}-d tensor, got {dim}")
+    # fast path for the common (valid) call: no message is formatted unless a check fails
+    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and type(dim) is int and -x.dim() <= dim < x.dim()):
+        check_tensor("softmax", "x", x)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"tritonize.softmax: argument 'dim' must be an int, got {type(dim).__name__}")
+        nd = max(x.dim(), 1)
+        check_arg("softmax", "dim", -nd <= dim < nd, f"is out of range for a {x.dim()}-d tensor, got {dim}")
     if x.dim() == 0:
         return softmax(x.reshape(1), 0).reshape(())
     if eager_fast_path(x):

@@ -169,6 +169,16 @@ def test_layer_norm_opcheck(device):
     r = torch.randn(3, 40, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.tritonize.layer_norm_fwd.default, (x, r, w, None, 1e-5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward op with both parameter gradients of one dtype: its outputs must not alias each
+    # other (an earlier version returned dweight and dbias as two views of one buffer, which
+    # torch refuses when the op is traced, e.g. under rest="inductor")
+    b = torch.randn(40, device=device)
+    with torch.no_grad():
+        _, _, mean, rstd = torch.ops.tritonize.layer_norm_fwd(x, None, w, b, 1e-5)
+    dy = torch.randn(3, 40, device=device)
+    torch.library.opcheck(torch.ops.tritonize.layer_norm_bwd.default,
+                          (dy, None, x.detach(), w.detach(), b, mean, rstd, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_layer_norm_bad_inputs(device):

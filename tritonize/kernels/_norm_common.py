@@ -223,14 +223,16 @@ def reduce_partials(part, dtypes):
     """Stage 2: part (G, K, N) fp32 partial sums -> K (N,) gradients, gradient k in dtypes[k].
 
     One `torch.sum` over G in fp32, then one rounding per gradient (a cast only where the
-    parameter is not fp32); with two gradients of one dtype, one cast and `unbind` (views).
+    parameter is not fp32). Two gradients come back as two separate tensors, never two views of
+    one buffer: the backward custom op may not return outputs that alias each other (torch
+    refuses it under tracing, e.g. with rest="inductor").
     """
     total = part.sum(0)  # (K, N) fp32
     if len(dtypes) == 1:
         return (total[0] if dtypes[0] == torch.float32 else total[0].to(dtypes[0])),
-    if dtypes[0] == dtypes[1]:
-        return (total if dtypes[0] == torch.float32 else total.to(dtypes[0])).unbind(0)
-    return tuple(t if d == torch.float32 else t.to(d) for t, d in zip(total.unbind(0), dtypes))
+    first, second = total.unbind(0)
+    return (first if dtypes[0] == torch.float32 else first.to(dtypes[0]),
+            second.clone() if dtypes[1] == torch.float32 else second.to(dtypes[1]))
 
 
 def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw: bool, compute_db: bool, *,

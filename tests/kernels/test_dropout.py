@@ -105,6 +105,13 @@ def test_dropout_seeding(device):
     # the mask is a function of (seed, logical index), not of the memory layout
     assert torch.equal(dropout(transposed_copy(x), 0.5, seed=7), a)
     assert torch.equal(dropout(noncontig_rows(x), 0.5, seed=7), a)
+    # a 0-d int64 CPU seed tensor (what a captured graph passes) is the same seed as the int, on
+    # the eager fast path and on the custom-op path alike
+    seed_t = torch.tensor(7, dtype=torch.int64)
+    assert torch.equal(dropout(x, 0.5, seed=seed_t), a)
+    assert torch.equal(torch.ops.tritonize.dropout_fwd(x, 0.5, seed_t), a)
+    with pytest.raises(ValueError, match=r"tritonize\.dropout.*'seed'"):
+        dropout(x, 0.5, seed=torch.tensor([7]))
 
 
 def test_dropout_layouts(device):

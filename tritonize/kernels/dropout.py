@@ -221,12 +221,14 @@ def dropout_reference(x: torch.Tensor, p: float, seed: int, upcast: bool = True)
 # ---------------------------------------------------------------------------------------------
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: int | None = None) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed=None) -> torch.Tensor:
     """Dropout with a Philox mask regenerated in backward (no mask tensor is kept).
 
     p == 0 or training=False returns `x` itself (as torch does); p == 1 gives zeros and zero
-    gradients. `seed` (optional int) fixes the mask; by default it is drawn from torch's default
-    generator, so `torch.manual_seed` makes runs reproducible.
+    gradients. `seed` fixes the mask: an int, or a 0-d int64 CPU tensor (what a captured graph
+    passes, so the seed stays a graph value under tracing and is read on the CPU, without a device
+    sync, when run). By default it is drawn from torch's default generator, so
+    `torch.manual_seed` makes runs reproducible.
     """
     # fast path for the common (valid) call: no message is formatted unless a check fails
     if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and type(p) is float and 0.0 <= p <= 1.0):
@@ -234,9 +236,14 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: int
         if not isinstance(p, numbers.Real) or isinstance(p, bool):
             raise TypeError(f"tritonize.dropout: argument 'p' must be a float, got {type(p).__name__}")
         check_arg("dropout", "p", 0.0 <= p <= 1.0, f"must be in [0, 1], got {p}")
-    if seed is not None:
+    seed_is_tensor = isinstance(seed, torch.Tensor)
+    if seed_is_tensor:
+        check_arg("dropout", "seed", seed.dim() == 0 and seed.dtype == torch.int64 and seed.device.type == "cpu",
+                  f"as a tensor must be 0-d int64 on the CPU, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+    elif seed is not None:
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise TypeError(f"tritonize.dropout: argument 'seed' must be an int, got {type(seed).__name__}")
+            raise TypeError(f"tritonize.dropout: argument 'seed' must be an int or a 0-d int64 CPU tensor, "
+                            f"got {type(seed).__name__}")
         check_arg("dropout", "seed", 0 <= seed < 2**63, f"must be in [0, 2**63), got {seed}")
     if not training or p == 0.0:
         return x
@@ -248,5 +255,5 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: int
         # new_seed() without its .item(): the same draw from the default generator, kept a tensor.
         seed_t = torch.randint(0, SEED_HIGH, (), dtype=torch.int64)
     else:
-        seed_t = torch.tensor(int(seed), dtype=torch.int64)
+        seed_t = seed if seed_is_tensor else torch.tensor(int(seed), dtype=torch.int64)
     return _dropout_fwd_op(x, float(p), seed_t)

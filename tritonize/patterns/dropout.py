@@ -23,14 +23,10 @@ def seed_node(m):
 
 
 def _seeded_dropout(x, p, seed):
-    """dropout(x, p) with a seed tensor: the eager fast path (int read on the CPU, no sync) on real
-    tensors, the registered custom op under tracing (Inductor keeps the seed a graph value)."""
-    from tritonize.kernels import _common
-    from tritonize.kernels.dropout import _DropoutFn
+    """dropout(x, p) with the graph's seed tensor (the public op takes it as is)."""
+    from tritonize.kernels import dropout
 
-    if _common.eager_fast_path(x):
-        return _DropoutFn.apply(x, p, int(seed))
-    return torch.ops.tritonize.dropout_fwd(x, p, seed)
+    return dropout(x, p, True, seed=seed)
 
 
 @register

@@ -114,7 +114,8 @@ class Bench:
         print(json.dumps(fields), flush=True)
         return fields
 
-    def table(self, columns: list[str], title: str | None = None) -> str:
+    def table(self, columns: list[str], title: str | None = None, out: str | None = None) -> str:
+        """Print (and return) the markdown table of every row; also write it to `out` if given."""
         head = f"### {title or self.name} — {self.meta['device']}, torch {self.meta['torch']}, triton {self.meta['triton']}\n\n"
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.rows:
@@ -125,6 +126,9 @@ class Bench:
             lines.append("| " + " | ".join(cells) + " |")
         text = head + "\n".join(lines) + "\n"
         print(text, flush=True)
+        if out:
+            with open(out, "w") as f:
+                f.write(text)
         return text
 
 

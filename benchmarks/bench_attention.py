@@ -146,12 +146,10 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         del q, k, v, do, pad, full
         torch.cuda.empty_cache()
-    text = bench.table(
-        ["impl", "shape", "causal", "mask", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms", "peak_mb", "skipped", "error"]
+    bench.table(
+        ["impl", "shape", "causal", "mask", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms", "peak_mb", "skipped", "error"],
+        out=args.out,
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
     return 0
 
 

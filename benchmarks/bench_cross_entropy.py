@@ -242,10 +242,8 @@ def main(argv=None):
             ce_sweep(b, bw)
     if args.only in (None, "lce"):
         bench_lce(b, args.quick, tf, args.no_compile)
-    text = b.table(["op", "impl", "shape", "ms", "gbps", "pct_copy_bw", "tflops", "pct_matmul", "extra_gb", "error"])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    b.table(["op", "impl", "shape", "ms", "gbps", "pct_copy_bw", "tflops", "pct_matmul", "extra_gb", "error"],
+            out=args.out)
     return 0
 
 

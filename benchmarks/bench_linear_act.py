@@ -216,13 +216,11 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if args.warm:
         return 0
-    text = bench.table(
+    bench.table(
         ["impl", "model", "shape", "act", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms", "pct_of_matmul",
-         "vs_eager", "vs_compile", "peak_mb", "peak_vs_eager", "targets", "fwd_config", "max_rel_err_vs_eager", "error"]
+         "vs_eager", "vs_compile", "peak_mb", "peak_vs_eager", "targets", "fwd_config", "max_rel_err_vs_eager", "error"],
+        out=args.out,
     )  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
     return 0
 
 

@@ -80,9 +80,7 @@ def main():
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
             print(f"# cProfile {name} (100 fwd+bwd)\n" + "\n".join(s.getvalue().splitlines()[:40]))
-    text = bench.table(["op", "impl", "fwd_us", "fwd_bwd_us"], title="host time per call (tiny inputs)")
-    if args.out:
-        open(args.out, "w").write(text)
+    bench.table(["op", "impl", "fwd_us", "fwd_bwd_us"], title="host time per call (tiny inputs)", out=args.out)
 
 
 if __name__ == "__main__":

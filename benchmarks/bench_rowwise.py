@@ -369,10 +369,7 @@ def main(argv=None):
         if "softmax" in ops:
             softmax_sweep(b, copy_gbps)
         cols = ["op", "shape", "impl", "pass", "gpu_ms", "gpu_pct_copy", "cpu_us", "note", "error"]
-        text = b.table(cols, title="row-wise launch sweep, bf16, GPU time (queued)")
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write(text)
+        b.table(cols, title="row-wise launch sweep, bf16, GPU time (queued)", out=args.out)
         return 0
     torch_ms = {}
     for op in ops:
@@ -381,10 +378,7 @@ def main(argv=None):
                 bench_one(b, op, shape, impl, build, copy_gbps, torch_ms, rep)
     cols = ["op", "shape", "impl", "pass", "ms", "gbps", "pct_copy", "vs_torch", "gpu_ms", "gpu_pct_copy", "cpu_us",
             "note", "error"]  # fmt: skip
-    text = b.table(cols, title="row-wise kernels, bf16 (GB/s = minimum traffic / time)")
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    b.table(cols, title="row-wise kernels, bf16 (GB/s = minimum traffic / time)", out=args.out)
     return 0
 
 

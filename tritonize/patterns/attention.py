@@ -166,7 +166,6 @@ class Attention(Pattern):
             # softmax in the scores' dtype: must be q's (or fp32, computed more precisely by us)
             pass
         mask_kind = f["mask"]
-        mask = None
         if mask_kind != "none":
             mv = m.val("m")
             r = _mask_guard(mv, (B, H, Tq, Tk))

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import assert_close3, dtypes_for, noncontig_rows, stride0_grad, transposed_copy
+from tests.helpers import check3, dtypes_for, noncontig_rows, stride0_grad, strided_vec, transposed_copy
 from tritonize.kernels import _norm_common as nc
 
 # the module by its import path: `tritonize.kernels.rms_norm` as an attribute may be the function
@@ -16,49 +16,6 @@ rms_norm, add_rms_norm, rms_norm_reference = rms_mod.rms_norm, rms_mod.add_rms_n
 
 SHAPES = [(1, 1), (7, 3), (3, 7, 1023), (1823, 781), (2, 5, 4096)]
 BIG = {(1823, 781), (2, 5, 4096)}
-
-
-def _leaf(t, prep=None):
-    if t is None:
-        return None
-    t = t.detach()
-    return (prep(t) if prep is not None else t.clone()).requires_grad_(True)
-
-
-def strided_vec(t):
-    """Same values as the 1-D `t`, stored every other element (a strided view)."""
-    return torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t)
-
-
-def check3(kernel_fn, ref_fn, ins: dict, *, prep_x=None, prep_w=None, grad_fn=None, names=("out",)):
-    """Run kernel_fn on `ins` (x / weight possibly made non-contiguous by prep_x / prep_w), ref_fn
-    on the same inputs in their dtype (torch) and in fp64 (reference); compare outputs and every
-    gradient."""
-    grad_fn = grad_fn or (lambda o: torch.randn_like(o))
-
-    def run(fn, cast, prep):
-        prep = prep or {}
-        leaves = {k: _leaf(v.to(cast) if (cast and v is not None) else v, prep.get(k)) for k, v in ins.items()}
-        outs = fn(**leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return leaves, outs
-
-    k_in, k_out = run(kernel_fn, None, {"x": prep_x, "weight": prep_w})
-    if prep_w is not None:
-        assert not k_in["weight"].is_contiguous()
-    t_in, t_out = run(ref_fn, None, None)
-    r_in, r_out = run(ref_fn, torch.float64, None)
-    dys = [grad_fn(o) for o in k_out]
-    wrt = [k for k, v in ins.items() if v is not None]
-    gk = torch.autograd.grad(k_out, [k_in[k] for k in wrt], dys)
-    gt = torch.autograd.grad(t_out, [t_in[k] for k in wrt], [d.to(o.dtype) for d, o in zip(dys, t_out)])
-    gr = torch.autograd.grad(r_out, [r_in[k] for k in wrt], [d.double() for d in dys])
-    for name, a, b, c in zip(names, k_out, t_out, r_out):
-        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != torch's {b.dtype}"
-        assert_close3(a, b, c, name=name)
-    for name, a, b, c in zip(wrt, gk, gt, gr):
-        assert a.dtype == ins[name].dtype
-        assert_close3(a, b, c, name=f"d{name}")
 
 
 def _inputs(shape, dtype, device, weight=True, residual=False, weight_dtype=None):

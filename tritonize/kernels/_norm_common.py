@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from tritonize.kernels._common import device_sms, rows_2d
 
 # Launch knobs. Chosen from register budgets (64K 32-bit registers per SM; register and spill
@@ -63,6 +65,7 @@ def load_sum_f32(X, R, row_off_x, row_off_r, cols, mask, HAS_RESIDUAL: tl.conste
     return x.to(tl.float32)
 
 
+@fast_launch
 @triton.jit
 def _norm_dwdb_kernel(
     X,  # (M, N) normalised input (x, or x + residual), row stride stride_x

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from ._common import (
     INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, new_seed, tuning_candidates, use_triton,
 )
@@ -262,6 +264,7 @@ def _attention_fwd_kernel(
     )
 
 
+@fast_launch
 @triton.jit
 def _attention_bwd_preprocess_kernel(
     O,  # (B, H, Tq, D)
@@ -704,22 +707,28 @@ def _pruner(kind: str):
 _KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "MASK_KIND", "HAS_DROPOUT", "INPUT_PRECISION", "SCHED"]
 _even_n = triton.heuristics({"EVEN_N": lambda a: a["Tk"] % a["BLOCK_N"] == 0})
 
+# FastKernel (kernels/_launch.py): direct launches once compiled. The raw kernels stay plain
+# JITFunctions above (the autotuners below wrap them); these are the launched objects.
+_fwd_raw = fast_launch(_attention_fwd_kernel)
+_dkdv_raw = fast_launch(_attention_bwd_dkdv_kernel)
+_dq_raw = fast_launch(_attention_bwd_dq_kernel)
+
 if INTERPRET:
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 else:
     # Only reached for classes with several candidates (long sequences, TRITONIZE_AUTOTUNE on).
-    _fwd_tuned = triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
+    _fwd_tuned = fast_launch(triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
         _attention_fwd_kernel
-    )
+    ))
     # reset_to_zero: the atomic-dq variant accumulates into DQ, which must start at 0 for every
     # benchmarking run of the autotuner (for the deterministic variant DQ is a dummy).
-    _dkdv_tuned = triton.autotune(
+    _dkdv_tuned = fast_launch(triton.autotune(
         _all_configs(), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
         prune_configs_by={"early_config_prune": _pruner("dkdv")},
-    )(_even_n(_attention_bwd_dkdv_kernel))
-    _dq_tuned = triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
+    )(_even_n(_attention_bwd_dkdv_kernel)))
+    _dq_tuned = fast_launch(triton.autotune(_all_configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
         _attention_bwd_dq_kernel
-    )
+    ))
 
 
 def _launch(kind: str, raw, tuned, nblocks: int, nbh: int, args: tuple, consts: dict, Tq: int, Tk: int,
@@ -809,7 +818,7 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.
         scale * _LOG2E, dropout_p, seed, _t_bucket(Tq, Tk),
     )
     with _device_ctx(q):
-        _launch("fwd", _attention_fwd_kernel, _fwd_tuned, Tq, B * H, args, consts, Tq, Tk, q.element_size())
+        _launch("fwd", _fwd_raw, _fwd_tuned, Tq, B * H, args, consts, Tq, Tk, q.element_size())
     return out, lse
 
 
@@ -849,7 +858,7 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
             H, Hkv, H // Hkv, Tq, Tk, D,
             scale, scale * _LOG2E, dropout_p, seed, tb,
         )
-        _launch("dkdv", _attention_bwd_dkdv_kernel, _dkdv_tuned, Tk, B * Hkv, args,
+        _launch("dkdv", _dkdv_raw, _dkdv_tuned, Tk, B * Hkv, args,
                 dict(common, ATOMIC_DQ=not deterministic, SCHED=_sched("dkdv", causal, Tq, Tk)), Tq, Tk, elt, _even_n_of(Tk))
         if deterministic:
             args = (
@@ -858,7 +867,7 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
                 H, H // Hkv, Tq, Tk, D,
                 scale, scale * _LOG2E, dropout_p, seed, tb,
             )
-            _launch("dq", _attention_bwd_dq_kernel, _dq_tuned, Tq, B * H, args, dict(common, SCHED=_sched("dq", causal, Tq, Tk)),
+            _launch("dq", _dq_raw, _dq_tuned, Tq, B * H, args, dict(common, SCHED=_sched("dq", causal, Tq, Tk)),
                     Tq, Tk, elt)
         else:
             dq.copy_(dq_acc)

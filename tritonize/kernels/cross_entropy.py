@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from ._norm_common import device_ctx, next_pow2
 from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
 
@@ -69,6 +71,7 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@fast_launch
 @triton.jit
 def _cross_entropy_fwd_kernel(
     x_ptr,  # (N, V) logits, row stride stride_x, unit column stride
@@ -168,6 +171,7 @@ def _cross_entropy_fwd_kernel(
             tl.store(g_row + c, dz.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _cross_entropy_bwd_kernel(
     g_ptr,  # (R, C) gradient, scaled in place; row stride stride_g, unit column stride

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
@@ -36,6 +38,7 @@ SEED_HIGH = 2**31 - 1  # as _common.new_seed
 # ---------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _dropout_fwd_kernel(
     x_ptr,  # (R, N) strided (stride 0 allowed): input (or upstream gradient, in backward)

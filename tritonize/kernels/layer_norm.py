@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
 from tritonize.kernels._common import (
@@ -34,6 +36,7 @@ from tritonize.kernels._common import (
 # =============================================================================================
 
 
+@fast_launch
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) input, row stride stride_x
@@ -125,6 +128,7 @@ def _layer_norm_fwd_kernel(
                 tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cm)
 
 
+@fast_launch
 @triton.jit
 def _layer_norm_bwd_kernel(
     X,  # (M, N) the normalised input s (x, or x + residual), row stride stride_x

@@ -65,6 +65,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 try:  # host-side TMA descriptors (triton >= 3.3); absent: the "tma" forward falls back to pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - old triton
@@ -229,6 +231,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
+@fast_launch
 @triton.autotune(
     configs=_LINEAR_CONFIGS,
     key=["M_BUCKET", "N", "K"],
@@ -309,6 +312,7 @@ def _linear_act_fwd_kernel(
         tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.autotune(
     configs=_GATED_CONFIGS,
     key=["M_BUCKET", "N", "K"],
@@ -382,6 +386,7 @@ def _gated_linear_fwd_kernel(
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.autotune(
     configs=_LINEAR_TMA_CONFIGS,
     key=["M_BUCKET", "N", "K"],
@@ -433,6 +438,7 @@ def _linear_act_fwd_tma_kernel(
     tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.autotune(
     configs=_GATED_TMA_CONFIGS,
     key=["M_BUCKET", "N", "K"],
@@ -482,6 +488,7 @@ def _gated_linear_fwd_tma_kernel(
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _act_fwd_kernel(
     a_ptr,  # (n,) contiguous: Z (or G when GATED)
@@ -502,6 +509,7 @@ def _act_fwd_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _linear_act_bwd_kernel(
     dy_ptr,  # (M, N) upstream gradient, any strides (stride 0 included)
@@ -539,6 +547,7 @@ def _linear_act_bwd_kernel(
         tl.store(dbp_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=rn < N)
 
 
+@fast_launch
 @triton.jit
 def _gated_linear_bwd_kernel(
     dy_ptr,  # (M, N) upstream gradient, any strides (stride 0 included)

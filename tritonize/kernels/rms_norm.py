@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from tritonize.kernels import _norm_common as nc
 from tritonize.kernels._norm_common import load_sum_f32
 from tritonize.kernels._common import (
@@ -35,6 +37,7 @@ from tritonize.kernels._common import (
 # =============================================================================================
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,  # (M, N) input, row stride stride_x
@@ -102,6 +105,7 @@ def _rms_norm_fwd_kernel(
                 tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cm)
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_bwd_kernel(
     X,  # (M, N) the normalised input s (x, or x + residual), row stride stride_x

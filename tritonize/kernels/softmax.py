@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonize.kernels._launch import fast_launch
+
 from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
@@ -48,6 +50,7 @@ ROWS_STRIDED = 64  # rows per program when rows, not columns, are unit-stride
 # ---------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _softmax_fwd_kernel(
     x_ptr,  # (R1, R2, N) strided: the input, softmax dim last
@@ -110,6 +113,7 @@ def _softmax_fwd_kernel(
             tl.store(y_rows + c[None, :] * syn, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@fast_launch
 @triton.jit
 def _softmax_bwd_kernel(
     y_ptr,  # (R1, R2, N) strided: the forward output

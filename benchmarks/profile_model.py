@@ -1,0 +1,122 @@
+"""Where a model's train step spends its time: GPU busy time vs wall time, top kernels, top host frames.
+
+    python -m benchmarks.profile_model --model gpt2 --impl tritonize
+    python -m benchmarks.profile_model --model llama --impl tritonize+inductor --stacks 30
+
+A diagnostic, not a benchmark table: it answers "is this step bound by the GPU or by the host,
+and by what". Per step it prints the wall time (CUDA events), the sum of GPU kernel time
+(torch.profiler; kernels may overlap, so this is an upper bound of GPU busy time), the top
+kernels by GPU time and the top Python functions by own host time (cProfile). `--stacks S`
+dumps every thread's stack every S seconds during the first step (faulthandler): what a first
+call that does not finish is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import faulthandler
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+from benchmarks.bench_models import FULL, QUICK, _fused_count, _model_class, build_config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", choices=sorted(FULL))
+    p.add_argument("--impl", default="tritonize",
+                   choices=["eager", "torch.compile", "tritonize", "tritonize+inductor", "compile(tritonize)"])
+    p.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--stacks", type=float, default=0.0, help="dump stacks every S seconds during the first step")
+    args = p.parse_args(argv)
+
+    spec = (QUICK if args.quick else FULL)[args.model]
+    if spec["task"] != "train":
+        p.error("profile_model profiles training steps (gpt2, llama)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, T = spec["shapes"][0]
+    config = build_config(args.model, args.quick, T)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = _model_class(args.model)(config)
+    model.to(dtype).train()
+    if args.impl == "torch.compile":
+        runner = torch.compile(model)
+    elif args.impl == "compile(tritonize)":
+        runner = torch.compile(model, backend="tritonize")
+    elif args.impl.startswith("tritonize"):
+        from tritonize import tritonize
+
+        runner = tritonize(model, rest="inductor" if args.impl == "tritonize+inductor" else "eager")
+    else:
+        runner = model
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(dev == "cuda"))
+
+    def step():
+        loss = runner(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    if args.stacks > 0:
+        faulthandler.dump_traceback_later(args.stacks, repeat=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    faulthandler.cancel_dump_traceback_later()
+    print(f"{args.model} {args.impl}: first step {first:.1f} s, fused sites {_fused_count(model, args.impl)}")
+    for _ in range(2):
+        step()
+    sync()
+
+    # Wall per step, and host time to issue one step when the GPU is not waited on.
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    print(f"wall {wall_ms:.2f} ms/step ({B * T / wall_ms:.1f} ktok/s); host returns after {host_ms:.2f} ms/step")
+
+    if dev == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            sync()
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events) / args.steps
+        print(f"GPU kernel time {gpu_us / 1e3:.2f} ms/step = {gpu_us / 1e3 / wall_ms:.0%} of wall")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(args.steps):
+        step()
+    sync()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top)
+    print(f"cProfile, {args.steps} steps, by own time:\n" + s.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

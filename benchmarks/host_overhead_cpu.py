@@ -93,16 +93,20 @@ def cases(dtype=torch.float32):
     def p(*shape):
         return torch.randn(*shape, dtype=dtype, requires_grad=True)
 
+    def param(*shape):  # weights are nn.Parameters in a model (a tensor subclass: some paths check)
+        return torch.nn.Parameter(torch.randn(*shape, dtype=dtype))
+
     x = p(16, 64)
     r = p(16, 64)
-    w = p(64)
-    b = p(64)
-    W = p(96, 64)
-    Wb = p(96)
-    Wu = p(96, 64)
+    w = param(64)
+    b = param(64)
+    W = param(96, 64)
+    Wb = param(96)
+    Wu = param(96, 64)
     logits = p(16, 100)
     tgt = torch.randint(0, 100, (16,))
-    Wv = p(100, 64)
+    Wv = param(100, 64)
+    q, k, v = p(2, 4, 32, 16), p(2, 2, 32, 16), p(2, 2, 32, 16)  # GQA: 4 query heads, 2 kv heads
 
     def rms_torch(x, w):  # HF Llama numerics, as bench_overhead
         h = x.float()
@@ -129,6 +133,10 @@ def cases(dtype=torch.float32):
             lambda: F.gelu(F.linear(x, W, Wb), approximate="tanh"),
         ),
         "gated_linear": (lambda: K.gated_linear(x, W, Wu, "silu"), lambda: F.silu(F.linear(x, W)) * F.linear(x, Wu)),
+        "attention": (
+            lambda: K.attention(q, k, v, causal=True),
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        ),
     }
 
 
@@ -156,6 +164,10 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    # The stubbed kernels leave their outputs uninitialised, and the matmuls of linear_act /
+    # gated_linear / linear_cross_entropy's backward then read garbage: denormals there made one
+    # 16x96x64 CPU mm cost ~100 us instead of ~3. Flushed to zero, the mm rows time the host path.
+    torch.set_flush_denormal(True)
     stub_triton_launches()
     skip_cpu_only_checks()
     from tritonize.kernels import _common

@@ -22,7 +22,7 @@ smoothing; lse = log sum exp z, by the online max/sum of Milakov & Gimelshein):
     dx   = dz * (1 - tanh(x / cap)^2)                                 (soft-capping only)
 Both are multiplied by `scale` = 1 / (number of non-ignored targets) for mean, 1 for sum and
 none, or 1 / normalizer. Ignored rows give loss 0 and gradient 0; an all-ignored batch gives
-loss 0 (not NaN) because the count is clamped to >= 1.
+loss 0 (not NaN): every row returns before reading the count.
 
 Bad targets. A target outside [0, V) that is not ignore_index raises a ValueError for CPU
 tensors (a cheap check). On CUDA a check would cost a device->host sync per call, so the kernel
@@ -47,7 +47,9 @@ import triton.language as tl
 from tritonize.kernels._launch import fast_launch
 
 from ._norm_common import device_ctx, next_pow2
-from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
+from ._common import (
+    FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, rows_2d, use_triton,
+)  # fmt: skip
 
 # Widest column block of the row walk. 32768 values over 32 warps (Liger's H100 choice) keeps
 # 32 fp32 registers per thread per live tensor. The interpreter uses a small block so that CPU
@@ -78,7 +80,7 @@ def _cross_entropy_fwd_kernel(
     g_ptr,  # (N, V) gradient out, row stride stride_g; may be x_ptr itself (in place)
     t_ptr,  # (N,) integer targets, stride stride_t
     loss_ptr,  # (N,) fp32 per-row loss (already multiplied by the scale)
-    div_ptr,  # () fp32 divisor: non-ignored count or normalizer (read only if HAS_DIV)
+    div_ptr,  # () divisor: int64 non-ignored count or fp32 normalizer (read only if HAS_DIV)
     rs_ptr,  # (N,) per-row gradient scale, stride stride_rs (read only if HAS_ROW_SCALE)
     stride_x,
     stride_g,
@@ -113,7 +115,8 @@ def _cross_entropy_fwd_kernel(
 
     s = scale
     if HAS_DIV:
-        s = s / tl.load(div_ptr)
+        # A count of 0 (all targets ignored) is never read: every row returned above.
+        s = s / tl.load(div_ptr).to(tl.float32)
     if HAS_ROW_SCALE:
         s = s * tl.load(rs_ptr + row * stride_rs).to(tl.float32)
     valid = (t >= 0) & (t < n_cols)
@@ -228,13 +231,15 @@ def _fwd_config(n_cols: int, max_block: int):
 def divisor_for(target: torch.Tensor, ignore_index: int, reduction: str, normalizer: torch.Tensor | None):
     """The device-side divisor of the per-row loss, or None (sum / none / a Python normalizer).
 
-    mean: the number of non-ignored targets, clamped to >= 1 so an all-ignored batch gives 0,
-    not 0/0. Stays on the device: no sync.
+    mean: the number of non-ignored targets, an int64 0-d tensor (two torch ops; a float sum plus
+    a clamp cost twice the host time). Stays on the device: no sync. It may be 0 (every target
+    ignored): the kernel never reads it then (ignored rows return before), and the reference
+    clamps it to >= 1, so an all-ignored batch gives 0, not 0/0.
     """
     if normalizer is not None:
         return normalizer
     if reduction == "mean":
-        return (target != ignore_index).sum(dtype=torch.float32).clamp_min_(1.0)
+        return torch.count_nonzero(target != ignore_index)
     return None
 
 
@@ -263,7 +268,8 @@ def cross_entropy_forward(
     if loss is None:
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if compute_grad and grad is None:
-        grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+        # empty_like is the cheaper call on the host; for a contiguous logits it is the same buffer
+        grad = torch.empty_like(logits) if logits.is_contiguous() else logits.new_empty((n, v))
     if n == 0:
         return loss, grad
     blk, warps = _fwd_config(v, MAX_BLOCK)
@@ -313,9 +319,10 @@ def scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
         grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
         return
     g2 = rows_2d(grad)
-    dy = grad_loss.expand(grad.shape[:-1]).reshape(-1)
+    # a 0-d upstream gradient (mean / sum reductions) is read by every row with stride 0 as is
+    dy = grad_loss if grad_loss.dim() == 0 else grad_loss.expand(grad.shape[:-1]).reshape(-1)
     cross_entropy_backward(g2, dy)
-    if not _is_view_of(g2, grad):
+    if g2 is not grad and not _is_view_of(g2, grad):
         grad.copy_(g2.view(grad.shape))  # rows_2d had to copy: write the scaled copy back
 
 
@@ -340,7 +347,7 @@ def _rows_impl(logits, target, normalizer, ignore_index, reduction, scale, label
             g = grad
         return loss, g
     x2 = rows_2d(logits)
-    t1 = target.reshape(-1)
+    t1 = target if target.dim() == 1 else target.reshape(-1)  # (no view op when already 1-D)
     g2 = None
     if compute_grad:
         # In place: write over the logits when x2 is a view of them (the usual case).
@@ -350,14 +357,15 @@ def _rows_impl(logits, target, normalizer, ignore_index, reduction, scale, label
         x2, t1, ignore_index=ignore_index, divisor=div, scale=scale, label_smoothing=label_smoothing,
         softcap=softcap, compute_grad=compute_grad, grad=g2,
     )  # fmt: skip
-    loss = loss.view(target.shape)
+    if target.dim() != 1:
+        loss = loss.view(target.shape)
     if not compute_grad:
         return loss, None
     if grad is not None:
-        if not _is_view_of(g2, grad):
+        if g2 is not grad and not _is_view_of(g2, grad):
             grad.copy_(g2.view(grad.shape))  # logits had no unit-stride row view: explicit copy back
         return loss, grad
-    return loss, g2.view(logits.shape)
+    return loss, (g2 if logits.dim() == 2 else g2.view(logits.shape))
 
 
 @torch.library.custom_op("tritonize::cross_entropy_fwd", mutates_args=())
@@ -479,8 +487,10 @@ class _CrossEntropyFn(torch.autograd.Function):
     dispatch layers, and the reduction inside, so a fwd+bwd is one autograd node. Same kernels,
     same numerics as the custom ops, which stay for torch.compile / export / fake tensors."""
 
+    # The non-tensor arguments come packed in one tuple `opts` (see _common.fast_apply).
     @staticmethod
-    def forward(ctx, logits, target, normalizer, ignore_index, reduction, scale, label_smoothing, softcap, inplace):
+    def forward(ctx, logits, target, normalizer, opts):
+        ignore_index, reduction, scale, label_smoothing, softcap, inplace = opts
         grad = logits if inplace else None
         rows, grad = _rows_impl(
             logits, target, normalizer, ignore_index, reduction, scale, label_smoothing, softcap, True, grad
@@ -501,7 +511,10 @@ class _CrossEntropyFn(torch.autograd.Function):
         ctx.grad = None
         ctx._used = True
         scale_rows_(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None
+
+
+_cross_entropy_fn = fast_apply(_CrossEntropyFn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +543,8 @@ def cross_entropy_rows_reference(
     s = torch.full((), float(scale), dtype=torch.float32, device=logits.device)
     div = divisor_for(target, ignore_index, reduction, normalizer)
     if div is not None:
+        if normalizer is None:
+            div = div.clamp_min(1)  # a mean's count may be 0 (see divisor_for)
         s = s / div.to(logits.device)
     loss = torch.where(keep, loss * s, 0.0).float()
     if not compute_grad:
@@ -690,7 +705,7 @@ def cross_entropy(
             None if logit_softcap is None else float(logit_softcap))  # fmt: skip
     if eager_fast_path(logits):
         if compute_grad:
-            return _CrossEntropyFn.apply(logits, target, *args, inplace)
+            return _cross_entropy_fn(logits, target, norm_t, args[1:] + (inplace,))
         rows, _ = _rows_impl(logits, target, *args, False, None)
         return rows if reduction == "none" else rows.sum()
     if inplace and compute_grad:

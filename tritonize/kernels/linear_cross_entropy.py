@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_arg, check_same_device, check_tensor, eager_fast_path, rows_2d, use_triton
+from ._common import (
+    FLOAT_DTYPES, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, rows_2d, use_triton,
+)  # fmt: skip
 from ._norm_common import cdiv, next_pow2
 from .cross_entropy import (
     REDUCTIONS,
@@ -109,21 +111,24 @@ def linear_cross_entropy_forward(
     c = chunk_size or default_chunk_size(n, h, v)
     buf = torch.empty((min(c, n), v), dtype=hidden.dtype, device=dev)
     wt = weight.t()
+    b = None if bias is None else bias.to(buf.dtype)
+    one_chunk = c >= n  # then no slicing: each slice is a view op of a few us of host time
     for s in range(0, n, c):
         e = min(n, s + c)
-        h_c = hidden[s:e]
-        lg = buf[: e - s]
-        if bias is not None:
-            torch.addmm(bias.to(lg.dtype), h_c, wt, out=lg)
+        h_c = hidden if one_chunk else hidden[s:e]
+        lg = buf if one_chunk else buf[: e - s]
+        if b is not None:
+            torch.addmm(b, h_c, wt, out=lg)
         else:
             torch.mm(h_c, wt, out=lg)
         cross_entropy_forward(
-            lg, target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
+            lg, target if one_chunk else target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
             label_smoothing=label_smoothing, softcap=softcap, compute_grad=compute_grad, grad=lg,
-            loss=loss[s:e], row_scale=None if row_scale is None else row_scale[s:e],
+            loss=loss if one_chunk else loss[s:e],
+            row_scale=None if row_scale is None else (row_scale if one_chunk else row_scale[s:e]),
         )  # fmt: skip
         if need_dh:
-            torch.mm(lg, weight, out=dh[s:e])
+            torch.mm(lg, weight, out=dh if one_chunk else dh[s:e])
         if need_dw:
             if s == 0:
                 torch.mm(lg.t(), h_c, out=dw)
@@ -221,7 +226,7 @@ def _lce_bwd_op(dh: torch.Tensor, dw: torch.Tensor, db: torch.Tensor, grad_loss:
     for g in (dh, dw, db):
         if g.numel():
             g2 = g if g.dim() > 1 else g.view(1, -1)
-            scale_rows_(g2, grad_loss.reshape(()).expand(g2.shape[:-1]))
+            scale_rows_(g2, grad_loss.reshape(()))  # a 0-d factor: every row reads it with stride 0
 
 
 @_lce_bwd_op.register_fake
@@ -285,12 +290,13 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     """Eager fast path (see _common.eager_fast_path): the chunk loop called directly, without
     the custom-op dispatch layers; same launchers and numerics as the custom ops."""
 
+    # The non-tensor arguments come packed in one tuple `opts` (see _common.fast_apply).
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, normalizer, ignore_index, reduction, scale,
-                label_smoothing, softcap, chunk_size):  # fmt: skip
+    def forward(ctx, hidden, weight, target, bias, normalizer, opts):
+        ignore_index, reduction, scale, label_smoothing, softcap, chunk_size = opts
         need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
         h2 = rows_2d(hidden)
-        t1 = target.reshape(-1)
+        t1 = target if target.dim() == 1 else target.reshape(-1)
         ctx.reduction = reduction
         if reduction == "none":
             # gradients in the backward, with the per-row upstream gradient (see the module doc)
@@ -308,7 +314,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             need_dh=need_dh, need_dw=need_dw, need_db=need_db, chunk_size=chunk_size,
         )  # fmt: skip
         # attributes, dropped in backward: used once, then owned by the caller (no clone)
-        ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
+        ctx.grads = (dh if dh is None or hidden.dim() == 2 else dh.view(hidden.shape), dw, db)
         return loss.sum()
 
     @staticmethod
@@ -335,8 +341,12 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             for g in (dh, dw, db):
                 if g is not None and g.numel():
                     g2 = g if g.dim() > 1 else g.view(1, -1)
-                    scale_rows_(g2, grad_loss.reshape(()).expand(g2.shape[:-1]))
-        return dh, dw, None, db, None, None, None, None, None, None, None
+                    scale_rows_(g2, grad_loss)  # grad_loss is 0-d: every row reads it with stride 0
+        return dh, dw, None, db, None, None
+
+
+_linear_cross_entropy_fn = fast_apply(_LinearCrossEntropyFn)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,11 +470,14 @@ def linear_cross_entropy(
         need_fwd = (False, False, False)  # the backward recomputes (see the module doc)
     else:
         need_fwd = (need_dh, need_dw, need_db)
-    if eager_fast_path(hidden) and type(weight) is torch.Tensor:
+    # nn.Parameter is a plain tensor for dispatch (an LM head's weight always is one); other
+    # subclasses (DTensor, ...) take the custom op.
+    if eager_fast_path(hidden) and type(weight) in _PLAIN:
         if grad_on and (need_dh or need_dw or need_db):
-            return _LinearCrossEntropyFn.apply(
-                hidden, weight, target, bias, norm_t, ignore_index, reduction, scale, float(label_smoothing),
-                None if logit_softcap is None else float(logit_softcap), chunk_size,
+            return _linear_cross_entropy_fn(
+                hidden, weight, target, bias, norm_t,
+                (ignore_index, reduction, scale, float(label_smoothing),
+                 None if logit_softcap is None else float(logit_softcap), chunk_size),
             )  # fmt: skip
         loss, _, _, _ = linear_cross_entropy_forward(
             rows_2d(hidden), weight, target.reshape(-1), bias, ignore_index=ignore_index, reduction=reduction,

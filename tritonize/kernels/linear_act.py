@@ -83,7 +83,10 @@ from tritonize.kernels._activations import (
 # cdiv / next_pow2: triton's without their constexpr_function wrapper (~4 us a call on the host);
 # device_ctx: a torch.cuda.device context only when x is not on the current device (~10 us otherwise)
 from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2
-from tritonize.kernels._common import FLOAT_DTYPES, INTERPRET, check_arg, eager_fast_path, tuning_candidates, check_same_device, check_tensor, use_triton
+from tritonize.kernels._common import (
+    FLOAT_DTYPES, INTERPRET, check_arg, eager_fast_path, fast_apply, tuning_candidates, check_same_device, check_tensor,
+    use_triton,
+)  # fmt: skip
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
 # defaults are chosen from H100 measurements: see the module docstring and docs/notes/linear_act.md.
@@ -602,6 +605,8 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     A stride-0 (expanded) or row-padded tensor stays a view. Only when the leading dims cannot be
     merged into one stride (e.g. a permuted 3-D view) does this copy.
     """
+    if t.dim() == 2:
+        return t  # already (rows, C): no view op (~2-3 us of host time each)
     c = t.shape[-1]
     try:
         return t.view(-1, c)
@@ -806,21 +811,30 @@ def _(x, weight, bias, activation, save_pre):
     return x.new_empty(out_shape), (x.new_empty(out_shape) if store_pre else x.new_empty(_EMPTY))
 
 
+def _linear_act_bwd_triton(dy, x, weight, bias, pre, out, activation, need_dx, need_dw, need_db):
+    """(dx | None, dw | None, db | None) by the launchers. pre: saved Z (overwritten with dZ), or
+    None / empty to recompute it; out: Y for GRAD_FROM_OUTPUT activations."""
+    if activation == "none":
+        saved2 = None
+    elif GRAD_FROM_OUTPUT[activation]:
+        saved2 = _as_2d(out)
+    else:
+        saved2 = _as_2d(pre) if pre is not None and pre.numel() > 0 else None  # none: recompute (SAVE_PRE=False)
+    dx, dw, db = linear_act_backward(_as_2d(dy), _as_2d(x), weight, bias, saved2, activation, need_dx, need_dw, need_db)
+    if dx is not None and x.dim() != 2:
+        dx = dx.view(x.shape)
+    return dx, dw, db
+
+
 def _linear_act_bwd_impl(dy, x, weight, bias, pre, out, activation: str, need_dx: bool, need_dw: bool, need_db: bool):
     """(dx, dw, db), each empty when not needed. `pre` (saved Z, or empty) is overwritten with dZ;
     `out` is Y for GRAD_FROM_OUTPUT activations (else empty)."""
     N, K = weight.shape
     from_out = GRAD_FROM_OUTPUT[activation]
     if use_triton(x):
-        x2, dy2 = _as_2d(x), _as_2d(dy)
-        if activation == "none":
-            saved2 = None
-        elif from_out:
-            saved2 = _as_2d(out)
-        else:
-            saved2 = _as_2d(pre) if pre.numel() > 0 else None  # empty: recompute (SAVE_PRE=False)
-        dx, dw, db = linear_act_backward(dy2, x2, weight, bias, saved2, activation, need_dx, need_dw, need_db)
-        dx = dx.view(x.shape) if dx is not None else x.new_empty(_EMPTY)
+        dx, dw, db = _linear_act_bwd_triton(dy, x, weight, bias, pre, out, activation, need_dx, need_dw, need_db)
+        if dx is None:
+            dx = x.new_empty(_EMPTY)
     else:
         # reference path: same math in plain torch (fp32 for the element-wise step)
         act = ACTIVATIONS[activation]
@@ -893,22 +907,35 @@ _linear_act_fwd_op.register_autograd(_linear_act_backward, setup_context=_linear
 
 
 class _LinearActFn(torch.autograd.Function):
-    """Eager fast path: the same impls and backward without the custom-op dispatch layers
-    (which cost several times the Python time of a plain autograd.Function per fwd+bwd)."""
+    """Eager fast path: the same launchers and backward without the custom-op dispatch layers
+    (which cost several times the Python time of a plain autograd.Function per fwd+bwd). Saved
+    Z stays 2-D and absent tensors are None (the custom ops need (..., N) views and empty
+    placeholders; each is a torch call of a few us on the host). Non-tensor arguments come packed
+    in `opts` (see _common.fast_apply)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, save_pre):
-        y, pre = _linear_act_fwd_impl(x, weight, bias, activation, save_pre)
+    def forward(ctx, x, weight, bias, opts):
+        activation, save_pre = opts
+        store_pre = save_pre and not GRAD_FROM_OUTPUT[activation]
+        y, pre = linear_act_forward(_as_2d(x), weight, bias, activation, store_pre)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], weight.shape[0])
         _linear_act_save(ctx, x, weight, bias, activation, y, pre)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _linear_act_grads(ctx, dy, _linear_act_bwd_impl)
-        # dZ was written over the saved Z: bump its version as the custom op's declared mutation
-        # does, so a second backward through this graph (retain_graph) errors instead of reusing dZ.
-        torch.autograd.graph.increment_version(ctx.saved_tensors[3])
-        return grads
+        x, weight, bias, pre, out = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        dx, dw, db = _linear_act_bwd_triton(dy, x, weight, bias, pre, out, ctx.activation, need_dx, need_dw, need_db)
+        if pre is not None:
+            # dZ was written over the saved Z: bump its version as the custom op's declared mutation
+            # does, so a second backward through this graph (retain_graph) errors instead of reusing dZ.
+            torch.autograd.graph.increment_version(pre)
+        return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None
+
+
+_linear_act_fn = fast_apply(_LinearActFn)
 
 
 def _gated_linear_fwd_impl(x, w_gate, w_up, activation: str, save: bool):
@@ -1019,21 +1046,31 @@ _gated_linear_fwd_op.register_autograd(_gated_linear_backward, setup_context=_ga
 
 
 class _GatedLinearFn(torch.autograd.Function):
-    """Eager fast path (see _LinearActFn)."""
+    """Eager fast path (see _LinearActFn): G and U saved 2-D; used only when a gradient is needed."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, activation, save):
-        out, g, u = _gated_linear_fwd_impl(x, w_gate, w_up, activation, save)
+    def forward(ctx, x, w_gate, w_up, activation):
+        out, g, u = gated_linear_forward(_as_2d(x), w_gate, w_up, activation, store_gu=True)
+        if x.dim() != 2:
+            out = out.view(*x.shape[:-1], w_gate.shape[0])
         _gated_linear_save(ctx, x, w_gate, w_up, activation, g, u)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _gated_linear_grads(ctx, dy, _gated_linear_bwd_impl)
-        _, _, _, g, u = ctx.saved_tensors
+        x, w_gate, w_up, g, u = ctx.saved_tensors
+        need_dx, need_dwg, need_dwu = ctx.needs_input_grad[:3]
+        dx, dwg, dwu = gated_linear_backward(
+            _as_2d(dy), _as_2d(x), w_gate, w_up, g, u, ctx.activation, need_dx, need_dwg or need_dwu
+        )
+        if dx is not None and x.dim() != 2:
+            dx = dx.view(x.shape)
         torch.autograd.graph.increment_version(g)  # dG, dU were written over G, U
         torch.autograd.graph.increment_version(u)
-        return grads
+        return (dx if need_dx else None), (dwg if need_dwg else None), (dwu if need_dwu else None), None
+
+
+_gated_linear_fn = fast_apply(_GatedLinearFn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1117,7 +1154,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     if eager_fast_path(x):
-        return _LinearActFn.apply(x, weight, bias, activation, SAVE_PRE and needs_grad)
+        if not needs_grad:  # no autograd node to build
+            y, _ = linear_act_forward(_as_2d(x), weight, bias, activation, False)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+        return _linear_act_fn(x, weight, bias, (activation, SAVE_PRE))
     y, _ = torch.ops.tritonize.linear_act_fwd(x, weight, bias, activation, SAVE_PRE and needs_grad)
     return y
 
@@ -1130,7 +1170,10 @@ def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, acti
         return gated_linear_reference(x, w_gate, w_up, activation)  # nothing to launch
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad)
     if eager_fast_path(x):
-        return _GatedLinearFn.apply(x, w_gate, w_up, activation, needs_grad)
+        if not needs_grad:  # no autograd node to build; nothing to save
+            out, _, _ = gated_linear_forward(_as_2d(x), w_gate, w_up, activation, store_gu=False)
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], w_gate.shape[0])
+        return _gated_linear_fn(x, w_gate, w_up, activation)
     out, _, _ = torch.ops.tritonize.gated_linear_fwd(x, w_gate, w_up, activation, needs_grad)
     return out
 

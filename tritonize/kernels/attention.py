@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Optional
@@ -40,9 +39,12 @@ import triton
 import triton.language as tl
 
 from tritonize.kernels._launch import fast_launch
+from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2  # plain ints: triton.cdiv /
+# next_power_of_2 are constexpr_functions costing ~4-10 us of host time per call
 
 from ._common import (
-    INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, new_seed, tuning_candidates, use_triton,
+    FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, new_seed,
+    tuning_candidates, use_triton,
 )
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
@@ -741,7 +743,7 @@ def _launch(kind: str, raw, tuned, nblocks: int, nbh: int, args: tuple, consts: 
         bm, bn = _INTERPRET_TILE[kind]
         tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         blk = bm if kind != "dkdv" else bn
-        grid = (triton.cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, triton.cdiv(nblocks, blk))
+        grid = (cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, cdiv(nblocks, blk))
         raw[grid](*args, **consts, **tile, **(extra(tile) if extra else {}))
         return
     cands = _candidates(kind, consts["BLOCK_D"], _is_long(Tq, Tk), consts["CAUSAL"], elt)
@@ -750,17 +752,17 @@ def _launch(kind: str, raw, tuned, nblocks: int, nbh: int, args: tuple, consts: 
         bm, bn, w, s = cands[0]
         tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         blk = bm if kind != "dkdv" else bn
-        grid = (triton.cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, triton.cdiv(nblocks, blk))
+        grid = (cdiv(nblocks, blk), nbh) if sched == 0 else (nbh, cdiv(nblocks, blk))
         raw[grid](*args, **consts, **tile, **(extra(tile) if extra else {}), num_warps=w, num_stages=s)
     elif sched == 0:
-        tuned[lambda META: (triton.cdiv(nblocks, META[tkey]), nbh)](*args, **consts)
+        tuned[lambda META: (cdiv(nblocks, META[tkey]), nbh)](*args, **consts)
     else:
-        tuned[lambda META: (nbh, triton.cdiv(nblocks, META[tkey]))](*args, **consts)
+        tuned[lambda META: (nbh, cdiv(nblocks, META[tkey]))](*args, **consts)
 
 
 def _t_bucket(tq: int, tk: int) -> int:
     # Autotune key: powers of two (capped), so a new sequence length reuses the tuned tile.
-    return (min(triton.next_power_of_2(tq), 1 << 16) << 20) | min(triton.next_power_of_2(tk), 1 << 16)
+    return (min(next_pow2(tq), 1 << 16) << 20) | min(next_pow2(tk), 1 << 16)
 
 
 def _input_precision(dtype: torch.dtype):
@@ -782,12 +784,9 @@ def _mask_args(mask: Optional[torch.Tensor], ref: torch.Tensor, B: int, H: int, 
     return m, 1, m.stride()
 
 
-def _device_ctx(t: torch.Tensor):
-    # Entering torch.cuda.device costs a few microseconds per launch: only when t is not on the
-    # current device (tensors on cuda:1 while cuda:0 is current).
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+# Entering torch.cuda.device costs a few microseconds per launch: only when t is not on the
+# current device (tensors on cuda:1 while cuda:0 is current); see _norm_common.device_ctx.
+_device_ctx = device_ctx
 
 
 def _even_n_of(Tk: int):
@@ -806,7 +805,7 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.
     out = torch.empty_like(q)
     lse = torch.empty((2, B, H, Tq), dtype=torch.float32, device=q.device)
     m, mask_kind, ms = _mask_args(mask, q, B, H, Tq, Tk)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     consts = dict(
         BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
         EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype), SCHED=_sched("fwd", causal, Tq, Tk),
@@ -834,7 +833,7 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
     dv = torch.empty_like(v)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     m, mask_kind, ms = _mask_args(mask, q, B, H, Tq, Tk)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     common = dict(
         BLOCK_D=block_d, CAUSAL=bool(causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
         EVEN_D=block_d == D, INPUT_PRECISION=_input_precision(q.dtype),
@@ -848,7 +847,7 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
         dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device)
     with _device_ctx(q):
         pre_m = 16 if INTERPRET else (32 if block_d > 128 else 64)
-        _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), B * H)](
+        _attention_bwd_preprocess_kernel[(cdiv(Tq, pre_m), B * H)](
             out, do, delta, *out.stride(), *do.stride(), H, Tq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
         )
         args = (
@@ -950,8 +949,10 @@ class _AttentionFn(torch.autograd.Function):
     dispatch layers (which cost several times the Python time of a plain autograd.Function per
     forward+backward, enough to decide the speed at T <= 1024). See `eager_fast_path`."""
 
+    # The non-tensor arguments come packed in one tuple `opts` (see _common.fast_apply).
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, scale, dropout_p, seed, deterministic):
+    def forward(ctx, q, k, v, mask, opts):
+        causal, scale, dropout_p, seed, deterministic = opts
         out, lse = attention_forward(q, k, v, mask, causal, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = causal, scale, dropout_p, seed, deterministic
@@ -963,7 +964,10 @@ class _AttentionFn(torch.autograd.Function):
         dq, dk, dv = attention_backward(
             do, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None
+
+
+_attention_fn = fast_apply(_AttentionFn)
 
 
 # =============================================================================================
@@ -1053,15 +1057,9 @@ def attention_reference_backward(do, q, k, v, mask=None, causal=False, scale=Non
 # =============================================================================================
 
 
-def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, deterministic=True, seed=None):
-    """Scaled dot-product attention in SDPA's layout: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with
-    H % Hkv == 0 (GQA/MQA), D <= 256. `mask`: bool (True = keep) or additive float, broadcastable
-    to (B, H, Tq, Tk); `causal` may be combined with it (bottom-right aligned when Tq != Tk).
-    Fully masked rows give 0. `deterministic=False` accumulates dq with atomics in backward.
-    Gradients flow to q, k, v (not to the mask). `seed` (int or 0-d int64 CPU tensor, optional)
-    fixes the dropout mask; by default it is drawn from torch's default generator (a graph
-    fuser passes a tensor drawn in the graph, so a captured graph draws a fresh one per step)."""
-    op = "attention"
+def _check_detailed(op, q, k, v, mask, scale, dropout_p, seed):
+    """Every argument check of `attention`, each raising a clear error; returns the scale
+    (1/sqrt(D) when None). Run when the fast check in `attention` fails or for a mask / seed."""
     if seed is not None:
         ok = (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64
               and seed.device.type == "cpu") or (isinstance(seed, int) and not isinstance(seed, bool))
@@ -1098,6 +1096,42 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, de
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     check_arg(op, "scale", math.isfinite(float(scale)), f"must be finite, got {scale}")
+    return scale
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, deterministic=True, seed=None):
+    """Scaled dot-product attention in SDPA's layout: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with
+    H % Hkv == 0 (GQA/MQA), D <= 256. `mask`: bool (True = keep) or additive float, broadcastable
+    to (B, H, Tq, Tk); `causal` may be combined with it (bottom-right aligned when Tq != Tk).
+    Fully masked rows give 0. `deterministic=False` accumulates dq with atomics in backward.
+    Gradients flow to q, k, v (not to the mask). `seed` (int or 0-d int64 CPU tensor, optional)
+    fixes the dropout mask; by default it is drawn from torch's default generator (a graph
+    fuser passes a tensor drawn in the graph, so a captured graph draws a fresh one per step)."""
+    op = "attention"
+    T = torch.Tensor
+    # Fast path for the common (valid) call: attribute reads only. The detailed checks below
+    # format their messages (shape tuples, f-strings) eagerly, ~40 us per call on a CPU box;
+    # they run only when something is off, or for the rarer arguments (a mask, a seed).
+    if (
+        seed is None and mask is None
+        and isinstance(q, T) and isinstance(k, T) and isinstance(v, T)
+        and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        and k.device == q.device and v.device == q.device
+        and q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
+    ):
+        B, H, Tq, D = q.shape
+        Bk, Hkv, Tk, Dk = k.shape
+        fast = (Bk == B and Dk == D and Hkv >= 1 and H % Hkv == 0 and 1 <= D <= _MAX_HEAD_DIM
+                and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+                and (scale is None or (type(scale) is float and math.isfinite(scale))))
+    else:
+        fast = False
+    if not fast:
+        scale = _check_detailed(op, q, k, v, mask, scale, dropout_p, seed)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
     if B * H * Tq == 0:
         return q.new_empty((B, H, Tq, D))
     if Tk == 0:
@@ -1105,8 +1139,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, de
     if EAGER_FAST_PATH and eager_fast_path(q):
         seed_i = 0 if dropout_p == 0.0 else (new_seed() if seed is None else int(seed))
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _AttentionFn.apply(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed_i,
-                                      bool(deterministic))
+            return _attention_fn(q, k, v, mask, (bool(causal), float(scale), float(dropout_p), seed_i,
+                                                 bool(deterministic)))
         return attention_forward(q, k, v, mask, bool(causal), float(scale), float(dropout_p), seed_i)[0]
     # Traced (torch.compile, fake tensors): the seed stays a tensor, a graph value drawn each step
     # (new_seed()'s .item() would be data-dependent under Inductor).

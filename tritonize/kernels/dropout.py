@@ -24,7 +24,7 @@ import triton.language as tl
 
 from tritonize.kernels._launch import fast_launch
 
-from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, fast_apply, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Elements per program. The interpreter runs programs one after another (numpy underneath), so
@@ -198,6 +198,10 @@ class _DropoutFn(torch.autograd.Function):
         return dropout_backward(dy, ctx.p, ctx.seed), None, None
 
 
+# the C autograd apply without torch's Python layer (see _common.fast_apply)
+_dropout_fn = fast_apply(_DropoutFn)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed=None
     if eager_fast_path(x):
         # the same draw from the default generator as below (torch.manual_seed governs both)
         seed_i = int(torch.randint(0, SEED_HIGH, (), dtype=torch.int64)) if seed is None else int(seed)
-        return _DropoutFn.apply(x, float(p), seed_i)
+        return _dropout_fn(x, float(p), seed_i)
     if seed is None:
         # new_seed() without its .item(): the same draw from the default generator, kept a tensor.
         seed_t = torch.randint(0, SEED_HIGH, (), dtype=torch.int64)

@@ -28,6 +28,7 @@ from tritonize.kernels._common import (
     check_same_device,
     check_tensor,
     eager_fast_path,
+    fast_apply,
     use_triton,
 )
 
@@ -509,6 +510,10 @@ class _LayerNormFn(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None, dx if need_r and ctx.has_residual else None, dw, db, None)
 
 
+# the C autograd apply without torch's Python layer (see _common.fast_apply)
+_layer_norm_fn = fast_apply(_LayerNormFn)
+
+
 # =============================================================================================
 # 4. Reference
 # =============================================================================================
@@ -580,7 +585,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (any leading dims); weight/bias optional. Output: x's dtype."""
     _check("layer_norm", x, None, weight, bias, eps)
     if eager_fast_path(x):
-        return _LayerNormFn.apply(x, None, weight, bias, float(eps))
+        return _layer_norm_fn(x, None, weight, bias, float(eps))
     return _layer_norm_fwd_op(x, None, weight, bias, float(eps))[0]
 
 
@@ -589,6 +594,6 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     Gradients flow to x, residual, weight and bias (the sum's gradient into both x and residual)."""
     _check("add_layer_norm", x, residual, weight, bias, eps)
     if eager_fast_path(x):
-        return _LayerNormFn.apply(x, residual, weight, bias, float(eps))
+        return _layer_norm_fn(x, residual, weight, bias, float(eps))
     y, s, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, float(eps))
     return y, s

@@ -29,6 +29,7 @@ from tritonize.kernels._common import (
     check_same_device,
     check_tensor,
     eager_fast_path,
+    fast_apply,
     use_triton,
 )
 
@@ -433,6 +434,10 @@ class _RMSNormFn(torch.autograd.Function):
         return (dx if need_x else None), (dx if need_r and ctx.has_residual else None), dw, None
 
 
+# the C autograd apply without torch's Python layer (see _common.fast_apply)
+_rms_norm_fn = fast_apply(_RMSNormFn)
+
+
 # =============================================================================================
 # 4. Reference
 # =============================================================================================
@@ -502,7 +507,7 @@ def rms_norm(x, weight=None, eps=1e-6):
     weight, else torch's promotion of (weight.dtype, x.dtype), as HF's module returns."""
     _check("rms_norm", x, None, weight, eps)
     if eager_fast_path(x):
-        return _RMSNormFn.apply(x, None, weight, float(eps))
+        return _rms_norm_fn(x, None, weight, float(eps))
     return _rms_norm_fwd_op(x, None, weight, float(eps))[0]
 
 
@@ -511,6 +516,6 @@ def add_rms_norm(x, residual, weight=None, eps=1e-6):
     Gradients flow to x, residual and weight (the sum's gradient into both x and residual)."""
     _check("add_rms_norm", x, residual, weight, eps)
     if eager_fast_path(x):
-        return _RMSNormFn.apply(x, residual, weight, float(eps))
+        return _rms_norm_fn(x, residual, weight, float(eps))
     y, s, _ = _rms_norm_fwd_op(x, residual, weight, float(eps))
     return y, s

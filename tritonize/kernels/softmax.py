@@ -28,7 +28,7 @@ import triton.language as tl
 
 from tritonize.kernels._launch import fast_launch
 
-from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, use_triton
+from ._common import FLOAT_DTYPES, INTERPRET, check_arg, check_tensor, eager_fast_path, fast_apply, use_triton
 from ._norm_common import cdiv, device_ctx, next_pow2
 
 # Widest row done in one block (as Liger); above it the looped (online) kernel walks the row in
@@ -373,6 +373,10 @@ class _SoftmaxFn(torch.autograd.Function):
         return softmax_backward(y, dy, ctx.dim), None
 
 
+# the C autograd apply without torch's Python layer (see _common.fast_apply)
+_softmax_fn = fast_apply(_SoftmaxFn)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
@@ -409,5 +413,5 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if x.dim() == 0:
         return softmax(x.reshape(1), 0).reshape(())
     if eager_fast_path(x):
-        return _SoftmaxFn.apply(x, dim % x.dim())
+        return _softmax_fn(x, dim % x.dim())
     return _softmax_fwd_op(x, dim % x.dim())

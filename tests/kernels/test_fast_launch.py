@@ -78,7 +78,7 @@ def test_direct_launch_matches_torch_on_every_specialisation(dev, mode, monkeypa
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3, msg=f"{dtype} n={n} stride={stride} off={off}")
     if dev == "cuda":
         assert axpy.enabled and axpy.fallbacks == {}
-        assert axpy.hits == len(cases)  # every second-round call launched directly
+        assert axpy.hits >= len(cases)  # every second-round call (and repeats of a key in the first) launched directly
         assert len(axpy.cache) >= 8  # alignment, stride==1, n==1 / %16, dtype each got their own kernel
     else:
         assert not axpy.enabled and axpy.hits == 0

@@ -74,6 +74,23 @@ def spec_of(a):
     return f(a)
 
 
+def _specs(args):
+    """spec_of over positional runtime arguments, inlined for the common types (this runs on
+    every launch). A tensor adds two entries (dtype, aligned), so layouts cannot collide: a
+    dtype entry is always followed by its alignment flag."""
+    out = []
+    for a in args:
+        t = type(a)
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            out.append(a.dtype)
+            out.append(a.data_ptr() % 16 == 0)
+        elif t is int:
+            out.append((a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a > _I64_MAX))
+        else:
+            out.append(spec_of(a))
+    return tuple(out)
+
+
 def _hashable(v):
     try:
         hash(v)
@@ -99,12 +116,15 @@ class FastKernel:
         self.tuner = None
         self.heuristics: list = []
         self.jit = None
-        if self.enabled:
-            try:
-                self._introspect()
-            except Exception as e:  # an unknown Triton layout: keep Triton's path
-                self.enabled = False
-                self._note(f"introspection: {e}")
+        self.ready = False  # introspection waits for the first launch: importing must not touch the driver
+
+    def _setup(self):
+        self.ready = True
+        try:
+            self._introspect()
+        except Exception as e:  # an unknown Triton layout, no GPU driver: keep Triton's path
+            self.enabled = False
+            self._note(f"introspection: {e}")
 
     def _introspect(self):
         from triton.runtime import driver
@@ -127,10 +147,14 @@ class FastKernel:
         self.constexpr_pos = frozenset(i for i, p in enumerate(k.params) if p.is_constexpr)
         self.defaults = {p.name: p.default for p in k.params if p.has_default}
         self.tuner_keys = tuple(self.tuner.keys) if self.tuner is not None and len(self.tuner.configs) > 1 else ()
+        self.first_constexpr = min(self.constexpr_pos, default=len(self.names))
+        self.kw_ok: set = set()  # keyword-name tuples already validated
         self._driver = driver
+        self._get_device = driver.active.get_current_device
+        self._get_stream = driver.active.get_current_stream
 
     def __getattr__(self, name):  # .fn, .configs, .cache, ... of the wrapped kernel
-        if name == "kernel":
+        if name in ("kernel", "ready", "enabled"):
             raise AttributeError(name)
         return getattr(self.kernel, name)
 
@@ -142,6 +166,8 @@ class FastKernel:
 
     # -- the launch -----------------------------------------------------------------------------
     def launch(self, grid, args, kwargs):
+        if not self.ready and self.enabled:
+            self._setup()
         if not self.enabled:
             return self.kernel[grid](*args, **kwargs)
         try:
@@ -173,24 +199,34 @@ class FastKernel:
         if _MODE == "check":
             self._check(compiled, args, full, jit_kw, device)
         self.hits += 1
-        run(grid[0], g1, g2, self._driver.active.get_current_stream(device), function, packed, None, enter, leave,
+        run(grid[0], g1, g2, self._get_stream(device), function, packed, None, enter, leave,
             *full)  # fmt: skip
         return compiled
 
     def _key(self, args, kwargs):
-        cpos = self.constexpr_pos
-        spec = tuple(_hashable(a) if i in cpos else spec_of(a) for i, a in enumerate(args))
-        for name in kwargs:
-            i = self.index.get(name)
-            if i is not None and (i < len(args) or name not in self.constexpr):
-                raise _Unsupported(f"argument {name!r} passed by keyword")
-        kw = tuple((k, _hashable(v)) for k, v in kwargs.items())
+        if self.first_constexpr < len(args):  # a constexpr passed positionally: its value counts
+            cpos = self.constexpr_pos
+            spec = tuple(_hashable(a) if i in cpos else spec_of(a) for i, a in enumerate(args))
+        else:
+            spec = _specs(args)
+        names = tuple(kwargs)
+        if names not in self.kw_ok:
+            for name in names:
+                i = self.index.get(name)
+                if i is not None and (i < len(args) or name not in self.constexpr):
+                    raise _Unsupported(f"argument {name!r} passed by keyword")
+            self.kw_ok.add(names)
         tk = ()
         if self.tuner_keys:  # the autotuner's own key: values of these arguments
             named = dict(zip(self.names, args))
             named.update(kwargs)
             tk = tuple(_hashable(named.get(k)) for k in self.tuner_keys)
-        return (self._driver.active.get_current_device(), len(args), spec, kw, tk)
+        key = (self._get_device(), len(args), spec, tuple(kwargs.items()), tk)
+        try:
+            hash(key)
+        except TypeError:
+            raise _Unsupported("unhashable keyword value") from None
+        return key
 
     def _heuristic_values(self, args, kwargs, cfg_kw):
         # Heuristics may read runtime ints (K % BLOCK_K == 0) and the autotuner's choice

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--stacks", type=float, default=0.0, help="dump stacks every S seconds during the first step")
+    p.add_argument("--cheap-errors", action="store_true", help="short Inductor lowering errors (see below)")
     args = p.parse_args(argv)
 
     spec = (QUICK if args.quick else FULL)[args.model]
@@ -73,6 +74,12 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.synchronize()
 
+    if args.cheap_errors:
+        # Inductor formats a failed lowering's arguments with str() of the whole IR subtree, which
+        # can take minutes (exponential in a DAG) and hide the error itself.
+        import torch._inductor.exc as ind_exc
+
+        ind_exc.operator_str = lambda target, args, kwargs: f"{target}(<{len(args)} args>)"
     if args.stacks > 0:
         faulthandler.dump_traceback_later(args.stacks, repeat=True, file=sys.stderr)
     t0 = time.perf_counter()
@@ -81,6 +88,14 @@ def main(argv=None) -> int:
     first = time.perf_counter() - t0
     faulthandler.cancel_dump_traceback_later()
     print(f"{args.model} {args.impl}: first step {first:.1f} s, fused sites {_fused_count(model, args.impl)}")
+    if args.impl.startswith("tritonize"):
+        from tritonize import report
+
+        print(report(model))
+        import importlib
+
+        lce = importlib.import_module("tritonize.kernels.linear_cross_entropy")
+        print("linear_cross_entropy custom-op (slow path) weight types:", lce.SLOW_PATH)
     for _ in range(2):
         step()
     sync()
@@ -102,8 +117,10 @@ def main(argv=None) -> int:
                 step()
             sync()
         events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events) / args.steps
-        print(f"GPU kernel time {gpu_us / 1e3:.2f} ms/step = {gpu_us / 1e3 / wall_ms:.0%} of wall")
+        # device-only rows (kernels, memcpy/memset) have no CPU time; op rows repeat their kernels' time
+        gpu_us = sum(e.self_device_time_total for e in events if e.cpu_time_total == 0) / args.steps
+        print(f"GPU kernel time {gpu_us / 1e3:.2f} ms/step = {gpu_us / 1e3 / wall_ms:.0%} of wall "
+              f"(sum of kernel durations; overlapping kernels count twice)")
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
 
     pr = cProfile.Profile()

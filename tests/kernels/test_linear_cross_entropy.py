@@ -172,3 +172,67 @@ def test_reference_fallback_matches_torch():
     torch.testing.assert_close(loss.double(), (rows * rs).detach(), rtol=1e-5, atol=1e-6)
     for got, leaf in zip((dh, dw, db), leaves):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def _with_logits_objective(fn, h, w, b, t, r, reduction):
+    """A loss on both outputs: 0.7 * CE + sum(logits * r), so both gradient paths are exercised."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (h, w, b)]
+    loss, logits = fn(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+    (0.7 * loss + (logits.float() * r).sum()).backward()
+    return [loss.detach(), logits.detach()] + [None if x is None else x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("v", [1100, 1104])  # odd-aligned rows (copy path) and 16-aligned rows (direct path)
+def test_with_logits_forward_backward(device, v):
+    from tritonize.kernels import linear_cross_entropy_with_logits
+
+    for dtype in dtypes_for(device):
+        for bias, reduction in ((True, "mean"), (False, "sum")):
+            h = torch.randn(2, 19, H, device=device, dtype=dtype)
+            w = torch.randn(v, H, device=device, dtype=dtype) * H**-0.5 * 3
+            b = torch.randn(v, device=device, dtype=dtype) if bias else None
+            t = torch.randint(0, v, (38,), device=device)  # flat targets, as transformers passes them
+            t[[1, 5]] = -100
+            r = torch.randn(2, 19, v, device=device) * 1e-2
+
+            def torch_fn(hh, ww, tt, bb, reduction):
+                z = F.linear(hh, ww, bb)
+                return F.cross_entropy(z.float().view(-1, v), tt, reduction=reduction), z
+
+            ours = _with_logits_objective(linear_cross_entropy_with_logits, h, w, b, t, r, reduction)
+            tor = _with_logits_objective(torch_fn, h, w, b, t, r, reduction)
+            ref = _with_logits_objective(torch_fn, *(None if x is None else x.float() for x in (h, w, b)), t, r,
+                                         reduction)  # fmt: skip
+            for i, what in enumerate(("loss", "logits", "dhidden", "dweight", "dbias")):
+                if ref[i] is None:
+                    assert ours[i] is None
+                    continue
+                assert_close3(ours[i], tor[i], ref[i], name=f"{dtype} v={v} bias={bias} {reduction} {what}")
+
+
+def test_with_logits_only_loss_used_and_chunks(device):
+    from tritonize.kernels import linear_cross_entropy_with_logits
+    from tritonize.kernels.linear_cross_entropy import linear_cross_entropy_forward
+
+    h, w, b, t = _inputs(device, torch.float32, 37)
+    # backward through the loss only: the logits' gradient is None inside
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss, logits = linear_cross_entropy_with_logits(leaves[0], leaves[1], t, leaves[2])
+    assert "LogitsFn" in type(loss.grad_fn).__name__  # the one-pass path, not the composed form
+    loss.backward()
+    refs = [x.clone().requires_grad_() for x in (h, w, b)]
+    F.cross_entropy(F.linear(refs[0], refs[1], refs[2]), t).backward()
+    torch.testing.assert_close(logits, F.linear(h, w, b), rtol=1e-4, atol=1e-4)
+    for a, e in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
+    # several chunks (16, 16, 5) writing the returned logits; V=1100 is not 16-aligned (copy path)
+    out = torch.empty(37, V, device=device)
+    rows, _, _, _ = linear_cross_entropy_forward(h, w, t, b, reduction="none", need_dh=False, need_dw=False,
+                                                 need_db=False, chunk_size=16, logits_out=out)  # fmt: skip
+    torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows, F.cross_entropy(F.linear(h, w, b), t, reduction="none"), rtol=1e-4, atol=1e-4)
+    # no grad mode: the composed form, same values
+    with torch.no_grad():
+        l2, z2 = linear_cross_entropy_with_logits(h, w, t, b)
+    torch.testing.assert_close(l2, F.cross_entropy(F.linear(h, w, b), t), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z2, F.linear(h, w, b), rtol=1e-4, atol=1e-4)

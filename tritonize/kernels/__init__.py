@@ -10,6 +10,7 @@ Public functional API (torch-style signatures):
     attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0)
     cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0)
     linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
+    linear_cross_entropy_with_logits(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
 
 Names resolve lazily (PEP 562), so `import tritonize.kernels` does not compile or import every
 kernel module, and one op's module can be imported on its own.
@@ -33,6 +34,7 @@ _EXPORTS = {
     "attention": "attention",
     "cross_entropy": "cross_entropy",
     "linear_cross_entropy": "linear_cross_entropy",
+    "linear_cross_entropy_with_logits": "linear_cross_entropy",
 }
 
 __all__ = sorted(_EXPORTS)

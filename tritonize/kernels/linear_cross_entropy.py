@@ -93,10 +93,13 @@ def linear_cross_entropy_forward(
     need_db: bool = True,
     row_scale: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    logits_out: torch.Tensor | None = None,
 ):
     """hidden (N, H), weight (V, H), target (N,), bias (V,). Returns (loss rows fp32 (N,), dh, dW,
     db) with the gradients of sum(loss rows) (None where not needed). With `row_scale` (N,) each
-    row's loss and gradient are multiplied by it (the backward of reduction='none')."""
+    row's loss and gradient are multiplied by it (the backward of reduction='none'). With
+    `logits_out` (N, V) contiguous, the logits are also written there (the LM head's output when
+    the model returns it: one matmul serves both)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -120,16 +123,24 @@ def linear_cross_entropy_forward(
     wt = weight.t()
     b = None if bias is None else bias.to(buf.dtype)
     one_chunk = c >= n  # then no slicing: each slice is a view op of a few us of host time
+    # Returned logits with aligned rows: the matmul writes them, the loss kernel reads them and
+    # writes the gradient into buf. Unaligned rows (odd V): the matmul writes buf (fast kernels),
+    # a copy fills the logits, the gradient overwrites buf in place.
+    direct = logits_out is not None and _padded(v) == v
     for s in range(0, n, c):
         e = min(n, s + c)
         h_c = hidden if one_chunk else hidden[s:e]
         lg = buf if one_chunk else buf[: e - s]
+        out_c = None if logits_out is None else (logits_out if one_chunk else logits_out[s:e])
+        z = out_c if direct else lg
         if b is not None:
-            torch.addmm(b, h_c, wt, out=lg)
+            torch.addmm(b, h_c, wt, out=z)
         else:
-            torch.mm(h_c, wt, out=lg)
+            torch.mm(h_c, wt, out=z)
+        if out_c is not None and not direct:
+            out_c.copy_(lg)
         cross_entropy_forward(
-            lg, target if one_chunk else target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
+            z, target if one_chunk else target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
             label_smoothing=label_smoothing, softcap=softcap, compute_grad=compute_grad, grad=lg,
             loss=loss if one_chunk else loss[s:e],
             row_scale=None if row_scale is None else (row_scale if one_chunk else row_scale[s:e]),
@@ -513,3 +524,102 @@ def linear_cross_entropy(
         None if logit_softcap is None else float(logit_softcap), *need_fwd, chunk_size or 0,
     )  # fmt: skip
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head whose logits are ALSO returned (every HF causal LM called with labels=)
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearCrossEntropyLogitsFn(torch.autograd.Function):
+    """(loss, logits) from one pass of chunked matmuls: the logits are written once for the
+    caller and the loss gradient is formed in the forward as in _LinearCrossEntropyFn. Backward:
+    the loss part scales the saved gradients; a gradient on the returned logits (rare: a second
+    loss on them) adds dlogits @ W, dlogits^T @ h and its column sum, like F.linear's backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, opts):
+        ignore_index, reduction = opts
+        ctx.set_materialize_grads(False)
+        need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
+        h2 = rows_2d(hidden)
+        n, v = h2.shape[0], weight.shape[0]
+        logits = torch.empty((n, v), dtype=hidden.dtype, device=hidden.device)
+        loss, dh, dw, db = linear_cross_entropy_forward(
+            h2, weight, target.reshape(-1), bias, ignore_index=ignore_index, reduction=reduction,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, logits_out=logits,
+        )  # fmt: skip
+        ctx.grads = (dh, dw, db)
+        ctx.save_for_backward(hidden, weight)
+        return loss.sum(), logits.view(*hidden.shape[:-1], v)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "tritonize.linear_cross_entropy_with_logits: backward ran twice through the same graph; the "
+                "gradients are computed in the forward and scaled in place (no retain_graph)"
+            )
+        ctx.grads = None
+        dh, dw, db = grads
+        if grad_loss is None:  # only the logits carry a gradient
+            dh = None if dh is None else dh.zero_()
+            dw = None if dw is None else dw.zero_()
+            db = None if db is None else db.zero_()
+        else:
+            for g in (dh, dw, db):
+                if g is not None and g.numel():
+                    scale_rows_(g if g.dim() > 1 else g.view(1, -1), grad_loss)
+        if grad_logits is not None:
+            hidden, weight = ctx.saved_tensors
+            g2 = grad_logits.reshape(-1, weight.shape[0])
+            if dh is not None:
+                dh.addmm_(g2, weight)
+            if dw is not None:
+                dw.addmm_(g2.t(), rows_2d(hidden))
+            if db is not None:
+                db.add_(g2.sum(0, dtype=torch.float32).to(db.dtype))
+        dh = None if dh is None else dh.view(ctx.saved_tensors[0].shape)
+        return dh, dw, None, db, None
+
+
+_linear_cross_entropy_logits_fn = fast_apply(_LinearCrossEntropyLogitsFn)
+
+
+def linear_cross_entropy_with_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross_entropy(logits, target), logits) with logits = F.linear(hidden, weight, bias).
+
+    For an LM head whose logits are returned as well as fed to the loss: one chunked matmul
+    pass writes the logits and forms the loss gradient, instead of F.linear plus a separate
+    linear_cross_entropy (two forward matmuls over the vocabulary). hidden (..., H); target has
+    one entry per row of hidden (any shape with that many elements); logits come back shaped
+    (..., V). reduction 'mean' or 'sum' (others: the composed form). Same loss semantics as
+    linear_cross_entropy; gradients flow from both outputs.
+    """
+    T = torch.Tensor
+    fast = (
+        isinstance(hidden, T) and isinstance(weight, T) and isinstance(target, T)
+        and eager_fast_path(hidden) and _plain_weight(weight) and torch.is_grad_enabled()
+        and reduction in ("mean", "sum") and type(ignore_index) is int
+        and hidden.dtype in FLOAT_DTYPES and weight.dtype == hidden.dtype and target.dtype in TARGET_DTYPES
+        and hidden.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1] and weight.shape[0] > 0
+        and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0
+        and weight.device == hidden.device and target.device == hidden.device
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype == hidden.dtype and bias.dim() == 1
+                              and bias.shape[0] == weight.shape[0] and bias.device == hidden.device))
+    )  # fmt: skip
+    if not fast:  # the composed form: checks every argument, runs under compile, fake tensors, CPU
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        h2 = hidden.reshape(-1, hidden.shape[-1]) if isinstance(hidden, T) and hidden.dim() != 2 else hidden
+        t1 = target.reshape(-1) if isinstance(target, T) else target
+        return linear_cross_entropy(h2, weight, t1, bias, ignore_index, reduction), logits
+    check_targets("linear_cross_entropy_with_logits", target, weight.shape[0], ignore_index)
+    return _linear_cross_entropy_logits_fn(hidden, weight, target, bias, (ignore_index, reduction))

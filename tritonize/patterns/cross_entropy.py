@@ -215,6 +215,23 @@ class LinearCrossEntropy(Pattern):
 
     def replace(self, m, fn):
         h = m["h"]
+        lin = self.site_nodes(m)[0]
+        members = set(m.nodes)
+        outside = [u for u in lin.users if u not in members]
+        order = {n: i for i, n in enumerate(m.graph.nodes)}
+        first_ret = min(m.returning, key=lambda n: order[n])
+        if outside and all(order[u] > order[first_ret] for u in outside) and m["red"] in ("mean", "sum"):
+            # The logits are returned too: one fused call writes them and forms the loss, so the
+            # LM head's matmul over the vocabulary runs once, not twice.
+            from tritonize.patterns import kernel_fn
+
+            both = m.call(kernel_fn("linear_cross_entropy", "linear_cross_entropy_with_logits"),
+                          h, m["w"], m["t"], m["b"], m["ii"], m["red"])
+            logits = m.getitem(both, 1)
+            for u in outside:
+                u.replace_input_with(lin, logits)
+            m.note = "logits returned: written by the fused LM head + loss (one matmul pass)"
+            return [_cast_back(m, m.getitem(both, 0))]
         hv = m.val("h")
         if hv.dim() != 2:
             h = m.method("reshape", h, (-1, m.hidden_size))

@@ -54,6 +54,9 @@ def eager_fast_path(x: torch.Tensor) -> bool:
         and use_triton(x)
         and not torch.compiler.is_compiling()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        # inside torch.func.grad the inputs are not seen as wrapped (checked: torch 2.13), and
+        # an autograd.Function without setup_context raises there: the custom ops handle it
+        and not torch._C._are_functorch_transforms_active()
     )
 
 

@@ -100,10 +100,38 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         if rest == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
+            register_inductor_fallbacks()
             return compile_fx(gm, example_inputs)
         return gm.forward
 
     return tritonize_compiler
+
+
+def register_inductor_fallbacks() -> None:
+    """Declare every `tritonize::` custom op an Inductor fallback kernel (called as is).
+
+    Inductor treats an op without a lowering as an *implicit* fallback and, in torch <= 2.11,
+    formats an info-log line with str() of the op's IR arguments first, eagerly: that string
+    recurses through the whole IR graph above the op, exponentially, and a 12-layer Llama's
+    first compile never finished on the H100 (stacks: ir.py __str__ under graph.call_function).
+    An explicit fallback is what the implicit path would register anyway, minus that string.
+    """
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback
+    except ImportError:  # an Inductor without this API: the implicit path still works
+        return
+    ns = torch.ops.tritonize
+    for name in list(dir(ns)):
+        packet = getattr(ns, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if op not in lowerings:
+                try:
+                    make_fallback(op, warn=False)
+                except Exception:  # noqa: BLE001 - registration is an optimisation only
+                    pass
 
 
 def symbolic(module: torch.nn.Module, *example_inputs, patterns=None, exclude=(), report: Report | None = None):

@@ -107,8 +107,26 @@ def linear_cross_entropy_forward(
     compute_grad = need_dh or need_dw or need_db
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    # dW is written by the first chunk's matmul (beta = 0), so no zero fill of V x H
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    # Every matmul dimension over the vocabulary padded to a multiple of 16 (vp): with an odd V
+    # (GPT-2's 50257) the logits' rows, the K of dlogits @ W and the M of dlogits^T @ h are
+    # misaligned and cuBLAS falls back to pre-Hopper kernels (H100: ~12 ms of a GPT-2 step
+    # instead of ~3). The weight (and bias) get vp - V zero rows in a padded copy, so the padded
+    # logit columns are exactly 0, the loss kernel reads and writes only the first V, and the
+    # padded gradient columns stay 0: they add nothing to dh, and dW's padded rows are cut off.
+    vp = _padded(v)
+    if vp != v:
+        w_k = weight.new_zeros((vp, h))
+        w_k[:v] = weight
+        b_k = None
+        if bias is not None:
+            b_k = bias.new_zeros(vp)
+            b_k[:v] = bias
+    else:
+        w_k, b_k = weight, bias
+    # dW is written by the first chunk's matmul (beta = 0), so no zero fill of V x H. Its first V
+    # rows of a (vp, H) buffer are a contiguous tensor.
+    dw_k = torch.empty((vp, h), dtype=weight.dtype, device=dev) if need_dw else None
+    dw = None if dw_k is None else (dw_k if vp == v else dw_k[:v])
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0:
         if need_dw:
@@ -116,23 +134,21 @@ def linear_cross_entropy_forward(
         return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
     div = divisor_for(target, ignore_index, reduction, normalizer)
     c = chunk_size or default_chunk_size(n, h, v)
-    # Row stride padded to a multiple of 16 elements: with an odd V (GPT-2's 50257) unpadded rows
-    # are misaligned and cuBLAS falls back to slow pre-Hopper kernels for all three matmuls
-    # (H100: 25 ms instead of ~4 ms per GPT-2 step). The padding columns are never read.
-    buf = torch.empty((min(c, n), _padded(v)), dtype=hidden.dtype, device=dev)[:, :v]
-    wt = weight.t()
-    b = None if bias is None else bias.to(buf.dtype)
+    buf = torch.empty((min(c, n), vp), dtype=hidden.dtype, device=dev)
+    wt = w_k.t()
+    b = None if b_k is None else b_k.to(buf.dtype)
     one_chunk = c >= n  # then no slicing: each slice is a view op of a few us of host time
     # Returned logits with aligned rows: the matmul writes them, the loss kernel reads them and
     # writes the gradient into buf. Unaligned rows (odd V): the matmul writes buf (fast kernels),
     # a copy fills the logits, the gradient overwrites buf in place.
-    direct = logits_out is not None and _padded(v) == v
+    direct = logits_out is not None and vp == v
     for s in range(0, n, c):
         e = min(n, s + c)
         h_c = hidden if one_chunk else hidden[s:e]
-        lg = buf if one_chunk else buf[: e - s]
+        lg_p = buf if one_chunk else buf[: e - s]  # (rows, vp): what the matmuls see
+        lg = lg_p if vp == v else lg_p[:, :v]  # (rows, V): what the loss kernel sees
         out_c = None if logits_out is None else (logits_out if one_chunk else logits_out[s:e])
-        z = out_c if direct else lg
+        z = out_c if direct else lg_p
         if b is not None:
             torch.addmm(b, h_c, wt, out=z)
         else:
@@ -140,18 +156,18 @@ def linear_cross_entropy_forward(
         if out_c is not None and not direct:
             out_c.copy_(lg)
         cross_entropy_forward(
-            z, target if one_chunk else target[s:e], ignore_index=ignore_index, divisor=div, scale=scale,
-            label_smoothing=label_smoothing, softcap=softcap, compute_grad=compute_grad, grad=lg,
+            out_c if direct else lg, target if one_chunk else target[s:e], ignore_index=ignore_index, divisor=div,
+            scale=scale, label_smoothing=label_smoothing, softcap=softcap, compute_grad=compute_grad, grad=lg,
             loss=loss if one_chunk else loss[s:e],
             row_scale=None if row_scale is None else (row_scale if one_chunk else row_scale[s:e]),
         )  # fmt: skip
         if need_dh:
-            torch.mm(lg, weight, out=dh if one_chunk else dh[s:e])
+            torch.mm(lg_p, w_k, out=dh if one_chunk else dh[s:e])
         if need_dw:
             if s == 0:
-                torch.mm(lg.t(), h_c, out=dw)
+                torch.mm(lg_p.t(), h_c, out=dw_k)
             else:
-                dw.addmm_(lg.t(), h_c)  # fp32 inside the matmul, one rounding per chunk
+                dw_k.addmm_(lg_p.t(), h_c)  # fp32 inside the matmul, one rounding per chunk
         if need_db:
             db.add_(lg.sum(0, dtype=torch.float32))
     return loss, dh, dw, (db.to(bias.dtype) if need_db else None)

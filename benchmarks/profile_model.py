@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="tritonize",
                    choices=["eager", "torch.compile", "tritonize", "tritonize+inductor", "compile(tritonize)"])
     p.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
+    p.add_argument("--exclude", default="", help="comma list of pattern names tritonize leaves alone")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--stacks", type=float, default=0.0, help="dump stacks every S seconds during the first step")
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     elif args.impl.startswith("tritonize"):
         from tritonize import tritonize
 
-        runner = tritonize(model, rest="inductor" if args.impl == "tritonize+inductor" else "eager")
+        runner = tritonize(model, rest="inductor" if args.impl == "tritonize+inductor" else "eager",
+                           exclude=tuple(x for x in args.exclude.split(",") if x))
     else:
         runner = model
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)

@@ -17,6 +17,10 @@ if not torch.cuda.is_available():
 # Numerics tests run dozens of odd shapes: one config per kernel instead of tuning each shape
 # (which compiles every candidate config per shape). Benchmarks keep autotuning on.
 os.environ.setdefault("TRITONIZE_AUTOTUNE", "0")
+# On a GPU the sdpa pattern keeps torch's fused SDPA by default (patterns/attention.py); the
+# tests replace it so our attention kernel runs inside the model tests too. The default is
+# tested on its own (tests/fuser/test_attention.py).
+os.environ.setdefault("TRITONIZE_SDPA", "replace")
 
 import pytest  # noqa: E402
 

@@ -106,3 +106,36 @@ def test_finite_fill_is_declined_with_reason():
 def test_unsupported_dtype_attention(dtype):
     rep = check_parity(ReturnsWeights(), [torch.randn(B, H, T, D, dtype=dtype) for _ in range(3)], {"attention": 0})
     assert rep.skipped("attention")
+
+
+def test_fused_sdpa_kept_by_default_on_cuda(monkeypatch):
+    """TRITONIZE_SDPA=auto (the default outside the tests): a CUDA half-precision SDPA without a
+    mask tensor already runs cuDNN/flash and is kept, with the reason in the report; a masked
+    SDPA is still replaced. On CPU (no fused SDPA kernel of ours to lose to) it is replaced."""
+    from tritonize import tritonize
+    from tritonize.patterns.attention import KEPT_FUSED_SDPA
+
+    monkeypatch.setenv("TRITONIZE_SDPA", "auto")
+
+    class Two(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True) + \
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dt) for _ in range(3))
+    mask = torch.rand(T, T, device=dev) > 0.3
+    mask[:, 0] = True
+    m = Two()
+    ref = m(q, k, v, mask)
+    tritonize(m)
+    torch.testing.assert_close(m(q, k, v, mask), ref, atol=2e-2, rtol=2e-2)
+    rep = tritonize.report(m)
+    if dev == "cuda":
+        assert rep.count("sdpa") == 1 and [r for _, r in rep.skipped("sdpa")] == [KEPT_FUSED_SDPA], str(rep)
+    else:
+        assert rep.count("sdpa") == 2 and rep.skipped("sdpa") == [], str(rep)
+    monkeypatch.setenv("TRITONIZE_SDPA", "sometimes")
+    with pytest.warns(UserWarning, match="TRITONIZE_SDPA must be"):  # a bad value: graph left as is, said why
+        tritonize(Two())(q, k, v, mask)

@@ -67,6 +67,13 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
     return max(1, min(n, max(MIN_CHUNK, min(MAX_CHUNK, c))))
 
 
+def logits_chunk_size(n: int, h: int, v: int) -> int:
+    """Chunk rows when the (N, V) logits are returned anyway: the chunk buffer may then be up to
+    a quarter of them (fewer, fuller matmuls, fewer passes over dW; H100 LCE N8192 H2048:
+    512 rows 24.1 ms, 1024 rows 20.9, 2048 rows 19.6), never below the lean default."""
+    return max(default_chunk_size(n, h, v), min(MAX_CHUNK, next_pow2(max(n // 4, 1))))
+
+
 def _padded(v: int) -> int:
     return (v + 15) // 16 * 16
 
@@ -564,6 +571,7 @@ class _LinearCrossEntropyLogitsFn(torch.autograd.Function):
         loss, dh, dw, db = linear_cross_entropy_forward(
             h2, weight, target.reshape(-1), bias, ignore_index=ignore_index, reduction=reduction,
             need_dh=need_dh, need_dw=need_dw, need_db=need_db, logits_out=logits,
+            chunk_size=logits_chunk_size(n, h2.shape[1], v),
         )  # fmt: skip
         ctx.grads = (dh, dw, db)
         ctx.save_for_backward(hidden, weight)

@@ -139,3 +139,54 @@ def test_fused_sdpa_kept_by_default_on_cuda(monkeypatch):
     monkeypatch.setenv("TRITONIZE_SDPA", "sometimes")
     with pytest.warns(UserWarning, match="TRITONIZE_SDPA must be"):  # a bad value: graph left as is, said why
         tritonize(Two())(q, k, v, mask)
+
+
+class MaskBuiltInGraph(nn.Module):
+    """A mask computed from constants in the forward, as transformers does under Dynamo with
+    torch <= 2.13 (it materialises the causal mask while tracing instead of passing is_causal)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, pad):
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        keep = i[None, :] <= i[:, None]  # key j visible to query i iff j <= i
+        if self.kind == "window":
+            keep = keep & (i[None, :] > i[:, None] - 3)  # sliding window: not causal
+        if self.kind == "padded":
+            keep = keep[None, None] & pad[:, None, None, :]  # depends on an input: not provable
+        elif self.kind == "additive":
+            keep = torch.zeros(t, t, device=q.device).masked_fill(~keep, torch.finfo(torch.float32).min)
+        mask = keep.expand(q.shape[0], 1, t, t) if keep.dim() == 2 else keep
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["causal", "additive", "window", "padded"])
+def test_constant_causal_mask_becomes_is_causal(kind):
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :2] = False
+    rep = check_parity(MaskBuiltInGraph(kind), [q, k, v, pad], {"sdpa": 1}, atol=2e-4, rtol=2e-4)
+    site, = [s for s in rep.sites if s.pattern == "sdpa"]
+    proven = "proven causal" in site.note
+    assert proven == (kind in ("causal", "additive")), (kind, site.note)
+
+
+def test_constant_causal_mask_construction_is_dropped():
+    from tritonize.fuser.capture import transform
+    from tritonize.fuser.report import Report
+    from tritonize.patterns import all_patterns
+
+    seen = {}
+
+    def backend(gm, ex):
+        transform(gm, Report("t"), all_patterns())
+        seen["targets"] = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        return gm.forward
+
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    out = torch.compile(MaskBuiltInGraph("causal"), backend=backend)(q, k, v, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-4, rtol=2e-4)
+    assert not any("arange" in t or "expand" in t for t in seen["targets"]), seen["targets"]

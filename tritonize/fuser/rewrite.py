@@ -119,9 +119,43 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                 report.add(Site(pat.name, m.site, True, "", capture, label, note=m.note))
                 for old, new in zip(returning, m.new_values):
                     replaced[old] = new
+    _drop_dead_constants(graph)
     graph.lint()
     gm.recompile()
     return fused
+
+
+def _drop_dead_constants(graph: fx.Graph) -> None:
+    """Erase values a rewrite made dead that a pattern marked `meta["tritonize_drop_if_dead"]`
+    (a constant causal mask replaced by is_causal), with the ancestors only they used. Only
+    functional nodes go: nothing in place, random or side-effecting is touched."""
+    roots = [n for n in graph.nodes if n.meta.get("tritonize_drop_if_dead") and not n.users]
+    for root in roots:
+        stack = [root]
+        while stack:
+            n = stack.pop()
+            if n.graph is not graph or n.users or not _pure(n):
+                continue
+            inputs = n.all_input_nodes
+            graph.erase_node(n)
+            stack.extend(inputs)
+
+
+def _pure(n: fx.Node) -> bool:
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if name.endswith("_") or "rand" in name or "dropout" in name or "bernoulli" in name or "normal" in name:
+        return False
+    if n.op == "call_function":
+        import operator
+
+        if n.target in (operator.setitem,) or n.target in fx.node._side_effectful_functions:
+            return False
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return False
+    return True
 
 
 def _escape_reason(nodes, returning, escapable=()) -> str | None:

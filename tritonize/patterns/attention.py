@@ -91,6 +91,73 @@ def _qkv_guard(q, k, v):
     return None
 
 
+# A mask computed in the graph from constants only (HF's causal mask under Dynamo on torch <= 2.13:
+# transformers materialises it while tracing instead of passing is_causal) is evaluated once at
+# rewrite time; when it equals the causal pattern the call becomes is_causal=True: no (B, T, T)
+# mask read per step, and SDPA/our kernel take their causal fast path.
+CONST_MASK_MAX_ELEMENTS = 1 << 26  # evaluate at most 64M mask entries (a B8 x 2048^2 bool mask)
+
+
+def _constant_value(node):
+    """The real value of `node` when it depends on no graph input (placeholders, attributes),
+    computed by running its ancestors; None when it depends on one or evaluation fails."""
+    import torch.fx as fx
+
+    order, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("call_function", "call_method"):
+            return None  # a graph input, a parameter/buffer, a submodule: not a constant
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    pos = {n: i for i, n in enumerate(node.graph.nodes)}
+    env = {}
+
+    def get(a):
+        return env[a] if isinstance(a, fx.Node) else a
+
+    try:
+        with torch.no_grad():
+            for n in sorted(order, key=pos.__getitem__):
+                args = fx.node.map_aggregate(n.args, get)
+                kwargs = fx.node.map_aggregate(n.kwargs, get)
+                env[n] = n.target(*args, **kwargs) if n.op == "call_function" else \
+                    getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - anything unexpected: not provable
+        return None
+    return env[node]
+
+
+def mask_is_causal(mask_node, tq, tk) -> bool:
+    """True when the mask (bool keep-mask, or additive 0 / <= -1e30 float mask) equals SDPA's
+    is_causal pattern (key j visible to query i iff j <= i) for every batch and head."""
+    from tritonize.fuser.normalize import val as meta_val
+
+    tq, tk = static_int(tq), static_int(tk)
+    v = meta_val(mask_node)
+    if tq is None or tk is None or tq != tk or not isinstance(v, torch.Tensor):
+        return False
+    if any(static_int(d) is None for d in v.shape) or v.numel() > CONST_MASK_MAX_ELEMENTS:
+        return False
+    cache = mask_node.meta.setdefault("tritonize_causal", {})
+    if "causal" not in cache:
+        val = _constant_value(mask_node)
+        ok = isinstance(val, torch.Tensor) and val.dim() >= 2 and tuple(val.shape[-2:]) == (tq, tk)
+        if ok:
+            if val.dtype == torch.bool:
+                keep = val
+            else:
+                keep = val == 0
+                ok = bool(((val == 0) | (val <= -1e30)).all())
+            tril = torch.ones(tq, tk, dtype=torch.bool, device=val.device).tril()
+            ok = ok and bool((keep == tril).all())
+        cache["causal"] = ok
+    return cache["causal"]
+
+
 def _mask_guard(m_val, scores_shape):
     if not isinstance(m_val, torch.Tensor):
         return "mask is not a tensor"
@@ -265,24 +332,39 @@ class SDPA(Pattern):
         Tk = k.shape[2]
         if causal and not dim_eq(Tq, Tk):
             return "is_causal with Tq != Tk (SDPA aligns top-left, the kernel bottom-right)"
+        m.causal_mask = False
         if m.get("m") is not None:
             if causal:
                 return "attn_mask together with is_causal (eager SDPA rejects it)"
             r = _mask_guard(m.val("m"), (B, H, Tq, Tk))
             if r:
                 return r
+            m.causal_mask = mask_is_causal(m["m"], Tq, Tk)
         out = m.out_val(0)
         if out is None or out.dtype != q.dtype:
             return "output dtype differs from q's"
-        if sdpa_policy() == "auto" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) \
-                and m.get("m") is None and static_int(D) is not None and static_int(D) % 8 == 0 and static_int(D) <= 256:
+        m.torch_fused = sdpa_policy() == "auto" and q.device.type == "cuda" \
+            and q.dtype in (torch.float16, torch.bfloat16) and static_int(D) is not None \
+            and static_int(D) % 8 == 0 and static_int(D) <= 256
+        if m.torch_fused and m.get("m") is None:
             return KEPT_FUSED_SDPA
         return None
+
+    def note(self, m):
+        if m.causal_mask:
+            return "constant mask proven causal: is_causal=True" + (" (torch's fused SDPA)" if m.torch_fused else "")
+        return ""
 
     def replace(self, m, fn):
         c = m["c"]
         p = float(m["p"])
-        return [m.call(fn, m["q"], m["k"], m["v"], m.get("m"), m["causal"], None if c is None else float(c),
+        if m.causal_mask:
+            m["m"].meta["tritonize_drop_if_dead"] = True  # its construction goes once no site reads it
+        if m.causal_mask and m.torch_fused:  # the same SDPA call minus the mask: its fused kernel runs
+            return [m.call(F.scaled_dot_product_attention, m["q"], m["k"], m["v"], None, p, True,
+                           scale=c, enable_gqa=m["gqa"])]
+        mask, causal = (None, True) if m.causal_mask else (m.get("m"), m["causal"])
+        return [m.call(fn, m["q"], m["k"], m["v"], mask, causal, None if c is None else float(c),
                        p, **_seed_kw(m, p))]
 
 

@@ -46,10 +46,9 @@ import triton.language as tl
 
 from tritonize.kernels._launch import fast_launch
 
-from ._norm_common import cdiv, device_ctx, next_pow2
+from ._norm_common import device_ctx, next_pow2
 from ._common import (
-    FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, device_sms, eager_fast_path, fast_apply,
-    rows_2d, use_triton,
+    FLOAT_DTYPES, INTERPRET, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, rows_2d, use_triton,
 )  # fmt: skip
 
 # Widest column block of the row walk. 32768 values over 32 warps (Liger's H100 choice) keeps
@@ -177,136 +176,6 @@ def _cross_entropy_fwd_kernel(
 
 @fast_launch
 @triton.jit
-def _cross_entropy_split_stats_kernel(
-    x_ptr,  # (N, V) logits
-    t_ptr,  # (N,) targets
-    p_ptr,  # (N, 3 * S + 1) fp32 partials: m[0:S], d[S:2S], zsum[2S:3S], z_t at [3S]
-    stride_x,
-    stride_t,
-    stride_p,
-    n_cols,
-    seg_cols,  # columns per segment (a multiple of BLOCK)
-    n_seg,
-    ignore_index,
-    softcap,
-    SMOOTHING: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Pass 1 of the split form: program (row, seg) reduces its segment of the row to the online
-    # (max m, sum d of exp(z - m)[, sum z]); segment 0 also keeps z_t, read here, before pass 2
-    # may overwrite the row in place.
-    row = tl.program_id(0).to(tl.int64)
-    seg = tl.program_id(1)
-    t = tl.load(t_ptr + row * stride_t).to(tl.int64)
-    if t == ignore_index:
-        return
-    x_row = x_ptr + row * stride_x
-    p_row = p_ptr + row * stride_p
-    cols = tl.arange(0, BLOCK)
-    m = -float("inf")
-    d = 0.0
-    zsum = 0.0
-    lo = seg * seg_cols
-    for start in range(lo, lo + seg_cols, BLOCK):
-        c = start + cols
-        mask = c < n_cols
-        z = tl.load(x_row + c, mask=mask, other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
-        if SOFTCAP:
-            z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-        if SMOOTHING:
-            zsum += tl.sum(tl.where(mask, z, 0.0))
-        m_new = tl.maximum(m, tl.max(z))
-        # a segment of only padding keeps m = -inf, d = 0 (exp2 of NaN avoided by the where)
-        d = d * tl.exp2(tl.where(m_new == -float("inf"), 0.0, m - m_new) * LOG2E) \
-            + tl.sum(tl.exp2((z - m_new) * LOG2E))
-        m = m_new
-    tl.store(p_row + seg, m)
-    tl.store(p_row + n_seg + seg, d)
-    tl.store(p_row + 2 * n_seg + seg, zsum)
-    if seg == 0:
-        valid = (t >= 0) & (t < n_cols)
-        x_t = tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32)
-        if SOFTCAP:
-            x_t = softcap * _tanh(x_t / softcap)
-        tl.store(p_row + 3 * n_seg, x_t)
-
-
-@fast_launch
-@triton.jit
-def _cross_entropy_split_grad_kernel(
-    x_ptr, g_ptr, t_ptr, loss_ptr, div_ptr, rs_ptr, p_ptr,
-    stride_x, stride_g, stride_t, stride_rs, stride_p,
-    n_cols, seg_cols, n_seg, ignore_index, scale, smoothing, softcap,
-    HAS_DIV: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    SMOOTHING: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    # Pass 2 of the split form: combine the row's segment partials into lse,
-    #   m = max_i m_i,  d = sum_i d_i * 2^((m_i - m) log2 e),  lse = m + ln d,
-    # segment 0 writes the row's loss, every program writes the gradient of its segment
-    # (same formulas as _cross_entropy_fwd_kernel's pass 2).
-    row = tl.program_id(0).to(tl.int64)
-    seg = tl.program_id(1)
-    x_row = x_ptr + row * stride_x
-    g_row = g_ptr + row * stride_g
-    cols = tl.arange(0, BLOCK)
-    lo = seg * seg_cols
-    t = tl.load(t_ptr + row * stride_t).to(tl.int64)
-    if t == ignore_index:
-        if seg == 0:
-            tl.store(loss_ptr + row, 0.0)
-        if COMPUTE_GRAD:
-            for start in range(lo, lo + seg_cols, BLOCK):
-                c = start + cols
-                tl.store(g_row + c, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=c < n_cols)
-        return
-    p_row = p_ptr + row * stride_p
-    si = tl.arange(0, BLOCK_S)
-    sm = si < n_seg
-    m_i = tl.load(p_row + si, mask=sm, other=-float("inf"))
-    d_i = tl.load(p_row + n_seg + si, mask=sm, other=0.0)
-    m = tl.max(m_i)
-    d = tl.sum(tl.where(sm & (m_i > -float("inf")), d_i * tl.exp2((m_i - m) * LOG2E), 0.0))
-    lse = m + tl.log(d)
-    s = scale
-    if HAS_DIV:
-        s = s / tl.load(div_ptr).to(tl.float32)
-    if HAS_ROW_SCALE:
-        s = s * tl.load(rs_ptr + row * stride_rs).to(tl.float32)
-    valid = (t >= 0) & (t < n_cols)
-    if seg == 0:
-        loss = lse - tl.load(p_row + 3 * n_seg)
-        if SMOOTHING:
-            zsum = tl.sum(tl.load(p_row + 2 * n_seg + si, mask=sm, other=0.0))
-            loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
-        tl.store(loss_ptr + row, tl.where(valid, loss * s, float("nan")))
-    if COMPUTE_GRAD:
-        on = 1.0 - smoothing
-        off = smoothing / n_cols
-        bad = tl.where(valid, 0.0, float("nan"))
-        for start in range(lo, lo + seg_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            z = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            if SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
-            p = tl.exp2((z - lse) * LOG2E)
-            if SMOOTHING:
-                p = p - off
-            dz = (tl.where(c == t, p - on, p) + bad) * s
-            if SOFTCAP:
-                dz = dz * (1.0 - th * th)
-            tl.store(g_row + c, dz.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@fast_launch
-@triton.jit
 def _cross_entropy_bwd_kernel(
     g_ptr,  # (R, C) gradient, scaled in place; row stride stride_g, unit column stride
     dy_ptr,  # (R,) upstream gradient per row, stride stride_dy (0 for a broadcast scalar)
@@ -359,51 +228,6 @@ def _fwd_config(n_cols: int, max_block: int):
     return block, warps
 
 
-# Rows split across programs when a call has too few rows to fill the GPU: the linear form
-# calls this per chunk of a few hundred rows, and one program per 50k-128k-wide row then left
-# the H100 at ~30% of its bandwidth (93 us per 256 x 50257 chunk). Aim for SPLIT_PROGRAMS_PER_SM
-# programs per SM, each with at least SPLIT_MIN_COLS columns.
-SPLIT_PROGRAMS_PER_SM = 8
-SPLIT_MIN_COLS = 1024 if INTERPRET else 8192
-
-
-@functools.lru_cache(maxsize=256)
-def _split_config(n: int, v: int, sms: int):
-    """(segments per row, columns per segment, BLOCK, num_warps); 1 segment = the one-pass kernel."""
-    want = cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(n, 1))
-    n_seg = min(want, v // SPLIT_MIN_COLS)
-    if n_seg <= 1:
-        return 1, v, 0, 0
-    blk, warps = _fwd_config(cdiv(v, n_seg), min(MAX_BLOCK, 8192))
-    seg_cols = cdiv(cdiv(v, n_seg), blk) * blk
-    return cdiv(v, seg_cols), seg_cols, blk, warps
-
-
-def _split_forward(logits, target, loss, g, divisor, row_scale, ignore_index, scale, label_smoothing, softcap,
-                   compute_grad, n_seg, seg_cols, blk, warps):  # fmt: skip
-    n, v = logits.shape
-    parts = torch.empty((n, 3 * n_seg + 1), dtype=torch.float32, device=logits.device)
-    st = target.stride(0) if target.dim() else 0
-    smoothing, cap = label_smoothing > 0, softcap is not None
-    with _device(logits):
-        _cross_entropy_split_stats_kernel[(n, n_seg)](
-            logits, target, parts, logits.stride(0), st, parts.stride(0), v, seg_cols, n_seg, ignore_index,
-            float(softcap or 1.0), SMOOTHING=smoothing, SOFTCAP=cap, BLOCK=blk, num_warps=warps,
-        )  # fmt: skip
-        _cross_entropy_split_grad_kernel[(n, n_seg)](
-            logits, g, target, loss,
-            divisor if divisor is not None else loss,
-            row_scale if row_scale is not None else loss,
-            parts,
-            logits.stride(0), g.stride(0), st,
-            row_scale.stride(0) if row_scale is not None and row_scale.dim() else 0,
-            parts.stride(0), v, seg_cols, n_seg, ignore_index, float(scale), float(label_smoothing),
-            float(softcap or 1.0),
-            HAS_DIV=divisor is not None, HAS_ROW_SCALE=row_scale is not None, SMOOTHING=smoothing, SOFTCAP=cap,
-            COMPUTE_GRAD=compute_grad, BLOCK=blk, BLOCK_S=max(2, next_pow2(n_seg)), num_warps=warps,
-        )  # fmt: skip
-
-
 def divisor_for(target: torch.Tensor, ignore_index: int, reduction: str, normalizer: torch.Tensor | None):
     """The device-side divisor of the per-row loss, or None (sum / none / a Python normalizer).
 
@@ -451,11 +275,6 @@ def cross_entropy_forward(
     blk, warps = _fwd_config(v, MAX_BLOCK)
     blk, warps = block or blk, num_warps or warps
     g = grad if compute_grad else logits  # unused pointer when not computing the gradient
-    n_seg, seg_cols, sblk, swarps = _split_config(n, v, device_sms(logits)) if block is None else (1, v, 0, 0)
-    if n_seg > 1:
-        _split_forward(logits, target, loss, g, divisor, row_scale, ignore_index, scale, label_smoothing, softcap,
-                       compute_grad, n_seg, seg_cols, sblk, swarps)  # fmt: skip
-        return loss, grad
     with _device(logits):
         _cross_entropy_fwd_kernel[(n,)](
             logits, g, target, loss,

@@ -169,7 +169,8 @@ def test_ablation_paths(device, monkeypatch):
            [x, wg, wu], dy, ["x", "w_gate", "w_up"], "gated cublas fwd")  # fmt: skip
     # "auto" (the default): fused Triton forward for small calls, cuBLAS + element-wise for large
     monkeypatch.setattr(la, "FORWARD_IMPL", "auto")
-    assert la._forward_impl(9, 33, 17, 1) == la._forward_impl(8192, 3072, 768, 1) == "triton"  # GPT-2 MLP
+    assert la._forward_impl(9, 33, 17, 1) == la._forward_impl(64, 768, 3072, 1) == "triton"  # tiny, decode-sized
+    assert la._forward_impl(8192, 3072, 768, 1) == "cublas"  # GPT-2 MLP at 8192 tokens
     assert la._forward_impl(8192, 8192, 2048, 2) == la._forward_impl(8192, 14336, 4096, 2) == "cublas"  # Llama
     # TMA forward: needs 16-byte aligned rows (K=24 in fp16), tails in M, N and K (K=24 is not a
     # multiple of the interpreter's BLOCK_K=16: the descriptor zero-fills); K=17 falls back

@@ -93,10 +93,14 @@ from tritonize.kernels._common import (
 SAVE_PRE = True  # save the pre-activation for backward (True) or recompute it there (False)
 FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "triton" | "tma" | "cublas"
 # "auto": cuBLAS + element-wise epilogue from this much forward work (M*N*K per product, summed
-# over the products) up, the fused Triton forward below it. 2^36 ~ 6.9e10 lies between GPT-2's
-# MLP at 8192 tokens (1.9e10: host-overhead bound, one fused launch wins) and Llama-1B's
-# (2.7e11: compute bound, cuBLAS's main loop wins).
-CUBLAS_FWD_MIN_WORK = 2**36
+# over the products) up, the fused Triton forward below it. Session 1 put the line at 2^36, above
+# GPT-2's MLP at 8192 tokens (1.9e10), when a Triton launch cost 30-80 us of host time and one
+# fused launch won. With direct launches (kernels/_launch.py) cuBLAS + the activation kernel was
+# faster at every measured shape (H100, bench_linear_act fwd+bwd: GPT-2 0.459 vs 0.556 ms,
+# Llama-1B 2.76 vs 2.92, Llama-8B 8.59 vs 9.55; GPT-2 train step 40.0 vs 45.0 ms in one run,
+# a 12-layer Llama 54.3 vs 52.6 ms, within that host's noise). 2^30 keeps tiny GEMMs (decode,
+# small models) on the single fused launch, which no measurement has ranked yet.
+CUBLAS_FWD_MIN_WORK = 2**30
 
 
 def _forward_impl(M: int, N: int, K: int, n_products: int) -> str:

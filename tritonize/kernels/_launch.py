@@ -110,7 +110,7 @@ class FastKernel:
     def __init__(self, kernel):
         self.kernel = kernel
         self.cache: dict = {}  # base key -> (config kwargs, {heuristic values -> launch entry})
-        self.fallbacks: dict[str, int] = {}  # reason -> count (for tests and TRITONIZE_LOG=debug)
+        self.fallbacks: dict[str, int] = {}  # reason -> count of calls that took Triton's path (diagnostics)
         self.hits = 0  # direct launches
         self.enabled = _MODE != "0" and not INTERPRET
         self.tuner = None
@@ -149,6 +149,9 @@ class FastKernel:
         self.tuner_keys = tuple(self.tuner.keys) if self.tuner is not None and len(self.tuner.configs) > 1 else ()
         self.first_constexpr = min(self.constexpr_pos, default=len(self.names))
         self.kw_ok: set = set()  # keyword-name tuples already validated
+        from triton import knobs
+
+        self._runtime_knobs = knobs.runtime  # launch hooks live here (a profiler may install some)
         self._driver = driver
         self._get_device = driver.active.get_current_device
         self._get_stream = driver.active.get_current_stream
@@ -183,9 +186,8 @@ class FastKernel:
         entry = by_heur.get(hv)
         if entry is None:
             return self._first(grid, args, kwargs, base)
-        from triton import knobs
-
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        rt = self._runtime_knobs
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
         if _hooked(enter) or _hooked(leave):  # a profiler wants launch metadata: Triton's path
             self._note("launch hooks installed")
             return self.kernel[grid](*args, **kwargs)

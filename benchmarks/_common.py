@@ -28,10 +28,34 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+def host_probe_us(n: int = 2000) -> float:
+    """Microseconds of host time per tiny eager op (an in-place add on a 1-element tensor).
+
+    The device tool may lend a different host per start, and host speed moves every host-bound
+    figure (whole models: up to 1.5x between two H100 hosts). Recorded with every benchmark so
+    runs can be compared for it; ratios are still only meaningful within one run."""
+    import time
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(1, device=dev)
+    for _ in range(100):
+        x.add_(1)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    us = (time.perf_counter() - t) / n * 1e6
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return round(us, 2)
+
+
 def versions() -> dict:
     import triton
 
-    out = {"torch": torch.__version__, "triton": triton.__version__, "device": device_name()}
+    out = {"torch": torch.__version__, "triton": triton.__version__, "device": device_name(),
+           "host_probe_us": host_probe_us()}
     try:
         import liger_kernel  # noqa: F401
         from importlib.metadata import version
@@ -116,7 +140,8 @@ class Bench:
 
     def table(self, columns: list[str], title: str | None = None, out: str | None = None) -> str:
         """Print (and return) the markdown table of every row; also write it to `out` if given."""
-        head = f"### {title or self.name} — {self.meta['device']}, torch {self.meta['torch']}, triton {self.meta['triton']}\n\n"
+        head = (f"### {title or self.name} — {self.meta['device']}, torch {self.meta['torch']}, triton "
+                f"{self.meta['triton']}, host probe {self.meta.get('host_probe_us', '?')} us/op\n\n")
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.rows:
             cells = []

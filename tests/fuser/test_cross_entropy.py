@@ -100,3 +100,19 @@ def test_class_weights_declined():
 
     rep = check_parity(Weighted(), [torch.randn(6, V), torch.randint(0, V, (6,))], {"cross_entropy": 0})
     assert "weight" in rep.skipped("cross_entropy")[0][1]
+
+
+def test_returned_logits_under_autocast_keep_eager_dtype():
+    """Under autocast the LM head's logits come out in the autocast dtype: the one-pass form
+    (which returns hidden's dtype) is not used, the plain linear stays for them."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast case")
+    model = LMHead(True)
+    ref = copy.deepcopy(model)
+    tritonize(model)
+    h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (la, za), (lb, zb) = model(h, labels), ref(h, labels)
+    assert za.dtype == zb.dtype == torch.bfloat16
+    torch.testing.assert_close(za, zb)
+    torch.testing.assert_close(la, lb, atol=2e-2, rtol=2e-2)

@@ -220,7 +220,12 @@ class LinearCrossEntropy(Pattern):
         outside = [u for u in lin.users if u not in members]
         order = {n: i for i, n in enumerate(m.graph.nodes)}
         first_ret = min(m.returning, key=lambda n: order[n])
-        if outside and all(order[u] > order[first_ret] for u in outside) and m["red"] in ("mean", "sum"):
+        from tritonize.fuser.normalize import val
+
+        lv, hv0 = val(lin), m.val("h")
+        same_dtype = lv is not None and hv0 is not None and lv.dtype == hv0.dtype  # not under autocast
+        if outside and same_dtype and all(order[u] > order[first_ret] for u in outside) \
+                and m["red"] in ("mean", "sum"):
             # The logits are returned too: one fused call writes them and forms the loss, so the
             # LM head's matmul over the vocabulary runs once, not twice.
             from tritonize.patterns import kernel_fn

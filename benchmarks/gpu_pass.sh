@@ -4,7 +4,7 @@
 # e.g. bash benchmarks/gpu_pass.sh all rowwise attention
 #      bash benchmarks/gpu_pass.sh bench models        (bench_models: ~9 min for every row; see --models)
 # Carried wheels in .whl/ (liger-kernel) are installed to /tmp/site first when present.
-# Timings from the H100 sessions: the whole test suite takes ~2.5 min with -n 14 (pytest-xdist is on the
+# Timings from the H100 sessions: the whole test suite takes ~2.5-3 min with -n 14 (pytest-xdist is on the
 # image; almost all of it is Triton compiling), bench_rowwise ~3.5 min, bench_attention ~3 min,
 # bench_cross_entropy ~2.5 min, bench_linear_act ~2.5 min cold. One command may run 10 minutes.
 set -uo pipefail
@@ -30,7 +30,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee -a "$OUT/env.log"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rf -n ${TEST_WORKERS:-14} ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -30
+  # check: every direct kernel launch is cross-checked against Triton's own binding (kernels/_launch.py)
+  TRITONIZE_FAST_LAUNCH=${TRITONIZE_FAST_LAUNCH:-check} \
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rf -n ${TEST_WORKERS:-14} ${TEST_PATHS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -30
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do

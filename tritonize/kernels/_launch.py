@@ -175,7 +175,10 @@ class FastKernel:
             return self.kernel[grid](*args, **kwargs)
         try:
             base = self._key(args, kwargs)
-            slot = self.cache.get(base)
+            try:
+                slot = self.cache.get(base)  # hashes the key once (an unhashable keyword value raises here)
+            except TypeError:
+                raise _Unsupported("unhashable keyword value") from None
             if slot is None:
                 return self._first(grid, args, kwargs, base)
             cfg_kw, by_heur = slot
@@ -223,12 +226,7 @@ class FastKernel:
             named = dict(zip(self.names, args))
             named.update(kwargs)
             tk = tuple(_hashable(named.get(k)) for k in self.tuner_keys)
-        key = (self._get_device(), len(args), spec, tuple(kwargs.items()), tk)
-        try:
-            hash(key)
-        except TypeError:
-            raise _Unsupported("unhashable keyword value") from None
-        return key
+        return (self._get_device(), len(args), spec, tuple(kwargs.items()), tk)
 
     def _heuristic_values(self, args, kwargs, cfg_kw):
         # Heuristics may read runtime ints (K % BLOCK_K == 0) and the autotuner's choice

@@ -467,6 +467,19 @@ def _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, l
     check_arg(op, "weight", v > 0 or target.numel() == 0, "has no rows (V == 0)")
 
 
+def _tensors_ok(hidden, weight, target, bias) -> bool:
+    """The tensor part of a valid call, as attribute reads only (both public functions' fast checks)."""
+    T = torch.Tensor
+    return (
+        isinstance(hidden, T) and isinstance(weight, T) and isinstance(target, T)
+        and hidden.dtype in FLOAT_DTYPES and weight.dtype == hidden.dtype and target.dtype in TARGET_DTYPES
+        and (bias is None or (isinstance(bias, T) and bias.dtype == hidden.dtype and bias.dim() == 1
+                              and bias.shape[0] == weight.shape[0] and bias.device == hidden.device))
+        and weight.device == hidden.device and target.device == hidden.device
+        and hidden.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1] and weight.shape[0] > 0
+    )  # fmt: skip
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -488,17 +501,11 @@ def linear_cross_entropy(
     `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk (default from N, H, V).
     """
     op = "linear_cross_entropy"
-    T = torch.Tensor
     # Fast path for the common (valid) call: attribute reads only; the detailed checks below
     # format their messages eagerly and run only when something is off (or for rarer arguments).
     if not (
-        isinstance(hidden, T) and isinstance(weight, T) and isinstance(target, T)
-        and hidden.dtype in FLOAT_DTYPES and weight.dtype == hidden.dtype and target.dtype in TARGET_DTYPES
-        and (bias is None or (isinstance(bias, T) and bias.dtype == hidden.dtype and bias.dim() == 1
-                              and bias.shape[0] == weight.shape[0] and bias.device == hidden.device))
+        _tensors_ok(hidden, weight, target, bias)
         and logit_softcap is None and normalizer is None and chunk_size is None
-        and weight.device == hidden.device and target.device == hidden.device
-        and hidden.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1] and weight.shape[0] > 0
         and target.shape == hidden.shape[:-1]
         and reduction in REDUCTIONS and type(ignore_index) is int
         and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
@@ -630,15 +637,10 @@ def linear_cross_entropy_with_logits(
     """
     T = torch.Tensor
     fast = (
-        isinstance(hidden, T) and isinstance(weight, T) and isinstance(target, T)
+        _tensors_ok(hidden, weight, target, bias) and (bias is None or type(bias) in _PLAIN)
         and eager_fast_path(hidden) and _plain_weight(weight) and torch.is_grad_enabled()
         and reduction in ("mean", "sum") and type(ignore_index) is int
-        and hidden.dtype in FLOAT_DTYPES and weight.dtype == hidden.dtype and target.dtype in TARGET_DTYPES
-        and hidden.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1] and weight.shape[0] > 0
         and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0
-        and weight.device == hidden.device and target.device == hidden.device
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype == hidden.dtype and bias.dim() == 1
-                              and bias.shape[0] == weight.shape[0] and bias.device == hidden.device))
     )  # fmt: skip
     if not fast:  # the composed form: checks every argument, runs under compile, fake tensors, CPU
         logits = torch.nn.functional.linear(hidden, weight, bias)

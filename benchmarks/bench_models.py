@@ -13,6 +13,10 @@ Rows (implementations), in this order in the table:
   tritonize         tritonize(model)
   tritonize+inductor  tritonize(model, rest="inductor")
   compile(tritonize)  torch.compile(model, backend="tritonize")
+  tritonize+cudagraphs  tritonize(model, cudagraphs=True): rewritten graphs replayed as CUDA graphs
+  tritonize+inductor+cudagraphs  tritonize(model, rest="inductor", cudagraphs=True)
+  compile+cudagraphs  torch.compile(model, mode="reduce-overhead"): torch.compile with CUDA graphs,
+                    the like-for-like row for the two above
 
 Models:
   gpt2   GPT-2 124M, training, B8 T1024
@@ -58,9 +62,11 @@ import sys
 import tempfile
 import time
 
-IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)"]
+IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)",
+         "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs"]
 # Process order: Liger last (global class patching; also isolated by its own subprocess).
-RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+inductor", "compile(tritonize)", "liger"]
+RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+cudagraphs", "compile+cudagraphs",
+             "tritonize+inductor", "tritonize+inductor+cudagraphs", "compile(tritonize)", "liger"]
 # (most important rows first: if the budget runs out, what is skipped is the end of the list)
 MODELS = ["gpt2", "llama", "bert"]
 
@@ -127,6 +133,15 @@ def _fused_count(model, impl: str) -> int | None:
         return None
 
 
+def _cudagraph_notes(model, impl: str) -> list | None:
+    """The report's per-graph CUDA graph lines (on, or why not) for the tritonize+cudagraphs rows."""
+    if "tritonize+" not in impl or "cudagraphs" not in impl:
+        return None
+    from tritonize import report
+
+    return report(model).cudagraphs
+
+
 def _sync(dev):
     import torch
 
@@ -183,6 +198,16 @@ def worker(name: str, impl: str, quick: bool) -> None:
         from tritonize import tritonize
 
         runner = tritonize(model, rest="inductor")
+    elif impl == "tritonize+cudagraphs":
+        from tritonize import tritonize
+
+        runner = tritonize(model, cudagraphs=True)
+    elif impl == "tritonize+inductor+cudagraphs":
+        from tritonize import tritonize
+
+        runner = tritonize(model, rest="inductor", cudagraphs=True)
+    elif impl == "compile+cudagraphs":
+        runner = torch.compile(model, mode="reduce-overhead")
     elif impl in ("eager", "liger"):
         runner = model
     else:
@@ -229,7 +254,8 @@ def worker(name: str, impl: str, quick: bool) -> None:
                 last = step()
             ms = (time.perf_counter() - t1) * 1e3 / n_timed
         emit(shape=f"B{B} T{T}", task="train", tok_s=B * T / (ms * 1e-3), ms=ms, first_s=first_s,
-             loss=loss0, loss_last=float(last.detach().float()), fused=_fused_count(model, impl), **mem)
+             loss=loss0, loss_last=float(last.detach().float()), fused=_fused_count(model, impl),
+             cudagraphs=_cudagraph_notes(model, impl), **mem)
         return
 
     # Inference: latency of one forward per shape, the first call timed on its own.
@@ -261,7 +287,7 @@ def worker(name: str, impl: str, quick: bool) -> None:
                 fwd()
             ms = (time.perf_counter() - t1) * 1e3 / reps
         emit(shape=f"B{B} T{T}", task="infer", tok_s=B * T / (ms * 1e-3), ms=ms, first_s=first_s,
-             out_mean=checksum, fused=_fused_count(model, impl), **mem)
+             out_mean=checksum, fused=_fused_count(model, impl), cudagraphs=_cudagraph_notes(model, impl), **mem)
 
 
 def worker_main(name: str, impl: str, quick: bool) -> int:

@@ -2,6 +2,7 @@
 
     python -m tritonize train.py --lr 3e-4              # every PreTrainedModel the script builds
     python -m tritonize --rest inductor train.py ...    # the rest of each graph through Inductor
+    python -m tritonize --cudagraphs train.py ...       # rewritten graphs replayed as CUDA graphs
     python -m tritonize -m my_package.train --epochs 1  # a module, like `python -m`
     TRITONIZE=0 python -m tritonize train.py ...        # off: the script runs exactly as without it
 
@@ -18,7 +19,7 @@ import os
 import runpy
 import sys
 
-USAGE = "python -m tritonize [--rest eager|inductor] [--strict] [--report] [--no-summary] (script.py | -m module) [args ...]"
+USAGE = "python -m tritonize [--rest eager|inductor] [--cudagraphs] [--strict] [--report] [--no-summary] (script.py | -m module) [args ...]"
 
 
 def _parse(argv: list[str]):
@@ -30,6 +31,8 @@ def _parse(argv: list[str]):
     )
     p.add_argument("--rest", choices=("eager", "inductor"), default=None,
                    help="how the unfused rest of each graph runs (default: tritonize's default, eager)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="replay each rewritten graph as a CUDA graph (see tritonize(cudagraphs=True))")
     p.add_argument("--strict", action="store_true", help="raise where a model cannot be captured")
     p.add_argument("--report", action="store_true", help="print each model's full report at exit")
     p.add_argument("--no-summary", action="store_true", help="print nothing at exit")
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         options["rest"] = args.rest
     if args.strict:
         options["strict"] = True
+    if args.cudagraphs:
+        options["cudagraphs"] = True
     active = launcher.install(**options)
     if not active:
         print("tritonize: disabled (TRITONIZE=0); running the script unchanged", file=sys.stderr, flush=True)

@@ -150,24 +150,30 @@ _counter = [0]
 
 
 def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager", strict: bool = False,
-              dynamic: bool | None = None):
+              dynamic: bool | None = None, cudagraphs: bool = False):
     """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
 
     patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
     out; rest: "eager" (the unfused rest runs as PyTorch) or "inductor"; strict: raise instead of
     running unmodified when Dynamo cannot capture the model; dynamic: torch.compile's `dynamic`
-    (default None = automatic dynamic: at most one recapture when sizes change, see module doc).
+    (default None = automatic dynamic: at most one recapture when sizes change, see module doc);
+    cudagraphs: record each rewritten graph (forward and backward) as a CUDA graph and replay it
+    (torch's CUDA graph trees, as `torch.compile(mode="reduce-overhead")`): one host call per graph
+    instead of one per op. Opt-in, as in torch.compile: a replay overwrites the previous call's
+    outputs, so keep `.clone()`s of outputs you hold across calls (torch raises if you read an
+    overwritten one); a graph drawing dropout seeds on the CPU, or off the GPU, runs uncaptured
+    and the report's `cudagraphs` lines say why.
     Tritonizing an already tritonized model is a no-op (untritonize first to change options).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tritonize: expected an nn.Module, got {type(model).__name__}")
     if model.__dict__.get(_STATE) is not None:
         return model
-    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic)
+    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs)
     report = Report(type(model).__name__)
     ref = weakref.ref(model)
     report.set_module_names(lambda: [n for n, _ in ref().named_modules()] if ref() is not None else [])
-    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict)
+    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict, cudagraphs=cudagraphs)
     state = _State(model, report, options)
     _counter[0] += 1
     state.compiled = torch.compile(_entry_for(model, _counter[0]), backend=backend, dynamic=dynamic)

@@ -5,6 +5,7 @@ tritonize first. Options come through `options={...}`:
     patterns=None   names (or families) of the patterns to apply; None = all
     exclude=()      names (or families) to leave out
     rest="eager"    what runs the rest of the graph: "eager" or "inductor"
+    cudagraphs=False  replay each rewritten graph as a CUDA graph (see `tritonize.tritonize`)
     report=None     a tritonize Report to fill; default: `tritonize.fuser.backend.GLOBAL_REPORT`
 """
 
@@ -14,7 +15,7 @@ from tritonize.fuser.report import Report
 
 GLOBAL_REPORT = Report("torch.compile(backend='tritonize')")
 
-_OPTIONS = ("patterns", "exclude", "rest", "report", "strict")
+_OPTIONS = ("patterns", "exclude", "rest", "report", "strict", "cudagraphs")
 
 
 def tritonize_backend(gm, example_inputs, options=None, **kwargs):

@@ -81,10 +81,12 @@ def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True) ->
     return gm
 
 
-def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False):
+def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False):
     """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
+    if not isinstance(cudagraphs, bool):
+        raise TypeError(f"tritonize: cudagraphs must be True or False, got {cudagraphs!r}")
     pats = select_patterns(patterns, exclude)
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
@@ -97,14 +99,64 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
             warnings.warn(f"tritonize: rewriting a captured graph failed ({type(e).__name__}: {e}); "
                           "that graph runs unmodified", stacklevel=2)
             gm = backup
+        graphs = False
+        if cudagraphs:
+            why = cudagraph_blocker(gm)
+            report.add_cudagraph_note(f"graph {report.captures - 1}: " + (
+                "CUDA graphs on" if why is None else f"no CUDA graphs: {why}"))
+            graphs = why is None
         if rest == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             register_inductor_fallbacks()
-            return compile_fx(gm, example_inputs)
+            patches = {"triton.cudagraphs": True} if graphs else {}
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        if graphs:
+            return cudagraphed(gm, example_inputs)
         return gm.forward
 
     return tritonize_compiler
+
+
+def cudagraph_blocker(gm: fx.GraphModule) -> str | None:
+    """Why the rewritten graph cannot be replayed as a CUDA graph, or None when it can.
+
+    A CUDA graph replays the recorded kernels only: anything the graph does on the CPU is frozen
+    at its recorded value. Our dropout seeds are drawn in the graph on the CPU (a fresh mask each
+    step), so a graph with one must run uncaptured, as must any graph with CPU tensors or off-GPU
+    inputs. torch's own checks (input mutation, incompatible ops) may still decline a graph;
+    TORCH_LOGS=perf_hints says why.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.randint and \
+                torch.device(node.kwargs.get("device") or "cpu").type != "cuda":
+            return "it draws a dropout seed on the CPU (masks must change every step)"
+    devices = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.Tensor):
+            if val.device.type != "cuda":
+                what = f"{node.target.__name__ if callable(node.target) else node.target}"
+                if node.op == "placeholder":
+                    return f"input {node.target!r} is on {val.device.type}"
+                return f"{what} makes a {val.device.type} tensor"
+            devices.add(val.device)
+    if not devices:
+        return "the graph has no CUDA tensors"
+    if len(devices) > 1:
+        return f"the graph spans {len(devices)} devices"
+    return None
+
+
+def cudagraphed(gm: fx.GraphModule, example_inputs):
+    """The rewritten graph through torch's "cudagraphs" backend: AOTAutograd splits it into a
+    forward and a backward graph (our ops enter as custom ops with their registered autograd), and
+    each is recorded once per input shape and replayed with CUDA graph trees (parameters are static
+    inputs; other inputs are copied into the recorded buffers). A replay costs one host call per
+    graph instead of one per op, which is what the host-bound steps need."""
+    from torch._dynamo.backends.cudagraphs import cudagraphs as torch_cudagraphs
+
+    return torch_cudagraphs(gm, example_inputs)
 
 
 def register_inductor_fallbacks() -> None:

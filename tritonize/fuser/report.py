@@ -46,6 +46,7 @@ class Report:
         self.captures = 0
         self.graph_breaks: list[str] = []
         self.fallback: str | None = None  # set when the model runs unmodified (capture failed)
+        self.cudagraphs: list[str] = []  # with cudagraphs=True: per captured graph, on or why not
         self._lock = threading.Lock()
         self._index: dict[tuple, tuple[Site, dict]] = {}  # key -> (site, {capture: matches})
         self._names = None  # callable -> iterable of the model's module names (or None)
@@ -104,12 +105,17 @@ class Report:
                 if r not in self.graph_breaks:
                     self.graph_breaks.append(r)
 
+    def add_cudagraph_note(self, note: str) -> None:
+        with self._lock:
+            self.cudagraphs.append(note)
+
     def clear(self) -> None:
         with self._lock:
             self.sites.clear()
             self._index.clear()
             self.captures = 0
             self.graph_breaks.clear()
+            self.cudagraphs.clear()
             self.fallback = None
 
     # -- reading ---------------------------------------------------------------------------
@@ -138,6 +144,7 @@ class Report:
             "captures": self.captures,
             "graph_breaks": list(self.graph_breaks),
             "fallback": self.fallback,
+            "cudagraphs": list(self.cudagraphs),
             "patterns": pats,
         }
 
@@ -168,6 +175,10 @@ class Report:
                     continue
                 seen.add((p, site, reason))
                 lines.append(f"    {p} @ {site}: {reason}")
+        if self.cudagraphs:
+            lines.append("  cudagraphs:")
+            for r in self.cudagraphs:
+                lines.append(f"    {r}")
         if self.graph_breaks:
             lines.append("  graph breaks:")
             for r in self.graph_breaks:

@@ -299,6 +299,113 @@ def norm_sweep(b: Bench, copy_gbps):
         torch.cuda.empty_cache()
 
 
+# Knobs of _norm_common that the wide-row backward sweep sets (all restored afterwards).
+WIDE_KNOBS = ("WIDE_BWD", "BWD_FUSED_MAX", "DX_FUSED_MAX", "BWD_LOOP", "LOOP_PROGRAMS_PER_SM", "STATS_CFG",
+              "SPLIT_TILE", "SPLIT_PROGRAMS_PER_SM", "CHAIN_ROWS", "CHAIN_LAG", "CHAIN_TILE", "CHAIN_WARPS",
+              "CHAIN_EVICT_HINTS")
+
+
+def wide_bwd_variants(n):
+    """(label, knobs, CONFIG_OVERRIDE) for the backward of rows of width n that needs dw (and db).
+
+    At n <= BWD_FUSED_MAX the default is the fused persistent kernel; the wide-row variants are
+    reached there by lowering BWD_FUSED_MAX below n (labelled "BWD_FUSED_MAX<n").
+    """
+    from tritonize.kernels import _norm_common as nc
+
+    force = {"BWD_FUSED_MAX": n // 2} if n <= nc.BWD_FUSED_MAX else {}
+    tag = f" [BWD_FUSED_MAX<{n}]" if force else ""
+    out = [("default (current knobs)", {}, None)]
+    # "loop": dx-only row kernel (+ _norm_dwdb_kernel); single-pass dx when n <= DX_FUSED_MAX
+    out.append((f"loop DX_FUSED_MAX={max(nc.DX_FUSED_MAX, n)} (1-pass dx) + dwdb{tag}",
+                dict(force, WIDE_BWD="loop", DX_FUSED_MAX=max(nc.DX_FUSED_MAX, n)), None))
+    for warps in (16, 32):
+        # CONFIG_OVERRIDE keys name the kernel kind: set both ops' keys, each launcher reads its own
+        out.append((f"loop 1-pass dx warps={warps} + dwdb{tag}", dict(force, WIDE_BWD="loop", DX_FUSED_MAX=n),
+                    {("ln_dx", n): (1, warps), ("rms_dx", n): (1, warps)}))
+    if n > 16384:
+        out.append((f"loop 2-pass dx BWD_LOOP=(16384, 32) + dwdb{tag}",
+                    dict(force, WIDE_BWD="loop", DX_FUSED_MAX=16384, BWD_LOOP=(16384, 32)), None))
+    # "split": stats kernel + tile kernel
+    for tile in ((4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (4, 2048, 16), (16, 512, 8), (8, 512, 4)):
+        out.append((f"split SPLIT_TILE={tile}{tag}", dict(force, WIDE_BWD="split", SPLIT_TILE=tile), None))
+    for per_sm in (2, 8):
+        out.append((f"split SPLIT_PROGRAMS_PER_SM={per_sm}{tag}",
+                    dict(force, WIDE_BWD="split", SPLIT_PROGRAMS_PER_SM=per_sm), None))
+    for cfg in ((2048, 4), (8192, 16)):
+        out.append((f"split STATS_CFG={cfg}{tag}", dict(force, WIDE_BWD="split", STATS_CFG=cfg), None))
+    # "chain": one launch, tiles re-read x and dy from L2
+    chain = [dict(), dict(CHAIN_LAG=2), dict(CHAIN_LAG=4), dict(CHAIN_ROWS=32), dict(CHAIN_ROWS=128),
+             dict(CHAIN_ROWS=32, CHAIN_LAG=2), dict(CHAIN_TILE=(8, 1024)), dict(CHAIN_TILE=(2, 2048)),
+             dict(CHAIN_TILE=(8, 512)), dict(CHAIN_WARPS=4), dict(CHAIN_WARPS=16, CHAIN_TILE=(8, 1024)),
+             dict(STATS_CFG=(8192, 8)), dict(CHAIN_EVICT_HINTS=False)]
+    for knobs in chain:
+        label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "CHAIN_* defaults"
+        out.append((f"chain {label}{tag}", dict(force, WIDE_BWD="chain", **knobs), None))
+    return out
+
+
+def norm_wide_sweep(b: Bench, copy_gbps, ops=("layer_norm", "rms_norm"), shapes=((4096, 32768), (4096, 8192))):
+    """Wide-row backward variants of layer_norm_backward / rms_norm_backward (dw and db computed),
+    GPU time of the launchers (queued, no autograd), bf16. Knobs: WIDE_BWD ("loop", "split",
+    "chain") and their sizes in tritonize/kernels/_norm_common.py; `rel_err` = the largest
+    max|got - ref| / max|ref| over dx, dw (, db) against fp32 torch (bf16 rounding: ~4e-3; a
+    wrong variant shows up as O(1))."""
+    from tritonize.kernels import _norm_common as nc
+
+    # the modules by their import paths (`tritonize.kernels.layer_norm` as an attribute may be the function)
+    ln = importlib.import_module("tritonize.kernels.layer_norm")
+    rms = importlib.import_module("tritonize.kernels.rms_norm")
+    saved = {k: getattr(nc, k) for k in WIDE_KNOBS}
+    saved_override = dict(nc.CONFIG_OVERRIDE)
+
+    def setknobs(knobs, override):
+        for k, v in saved.items():
+            setattr(nc, k, knobs.get(k, v))
+        nc.CONFIG_OVERRIDE.clear()
+        nc.CONFIG_OVERRIDE.update(saved_override if override is None else override)
+        nc.clear_config_cache()
+
+    def rel_err(got, want):
+        return max(((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
+                   for a, e in zip(got, want) if e is not None)
+
+    try:
+        for op in [o for o in ("layer_norm", "rms_norm") if o in ops]:
+            for r, n in shapes:
+                x, w, *rest = (t.detach() for t in _inputs(op, r, n))
+                bias = rest[0] if rest else None
+                dy = torch.randn_like(x)
+                nb = _bytes(op, r, n)["bwd"]
+                if op == "layer_norm":
+                    _, _, mean, rstd = ln.layer_norm_forward(x, w, bias, EPS)
+                    bwd = lambda: ln.layer_norm_backward(dy, x, w, mean, rstd, compute_dw=True, compute_db=True)  # noqa: E731
+                    want = ln._bwd_torch(dy, None, x, w, mean, rstd, True, True, w.dtype, bias.dtype)
+                else:
+                    _, _, rstd = rms.rms_norm_forward(x, w, EPS)
+                    bwd = lambda: rms.rms_norm_backward(dy, x, w, rstd, compute_dw=True)  # noqa: E731
+                    want = rms._bwd_torch(dy, None, x, w, rstd, True)
+                for label, knobs, override in wide_bwd_variants(n):
+                    setknobs(knobs, override)
+                    try:
+                        err = rel_err(bwd(), want)
+                    except Exception as e:  # a variant that fails to compile is a row, not a crash
+                        b.row(op=op + "-wide-bwd", shape=f"{r}x{n}", impl=label, **{"pass": "bwd"},
+                              error=f"{type(e).__name__}: {e}"[:200])
+                        continue
+                    before = len(b.rows)
+                    _sweep_row(b, op + "-wide-bwd", (r, n), label, "bwd", bwd, nb, copy_gbps)
+                    if len(b.rows) > before:
+                        b.rows[-1]["rel_err"] = float(f"{err:.2e}")
+                        if err > 0.05:
+                            b.rows[-1]["note"] = (b.rows[-1].get("note", "") + " WRONG RESULT").strip()
+                setknobs({}, None)
+                del x, w, bias, dy, want
+                torch.cuda.empty_cache()
+    finally:
+        setknobs({}, None)
+
+
 SWEEP = [  # (max_block, loop_block, num_warps); None = the launcher's default
     (None, None, None),
     *[(None, None, w) for w in (8, 16, 32)],
@@ -333,6 +440,8 @@ def main(argv=None):
     p.add_argument("--impls", default="tritonize,torch,torch.compile,liger", help="comma-separated implementations")
     p.add_argument("--shapes", default=None, help="comma-separated RxN shapes (default: all of SHAPES)")
     p.add_argument("--sweep", action="store_true", help="only sweep our launch configs (block caps, rows, warps, grids)")
+    p.add_argument("--sweep-wide", action="store_true",
+                   help="only the wide-row norm backward variants of --sweep (WIDE_BWD: loop / split / chain)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -363,12 +472,14 @@ def main(argv=None):
     b = Bench("rowwise")
     copy_gbps = copy_bandwidth_gbps()
     b.row(op="copy", shape="1 GiB", impl="torch", **{"pass": "copy"}, gbps=copy_gbps, pct_copy=100.0)
-    if args.sweep:
-        if "layer_norm" in ops or "rms_norm" in ops:
+    if args.sweep or args.sweep_wide:
+        if ("layer_norm" in ops or "rms_norm" in ops) and not args.sweep_wide:
             norm_sweep(b, copy_gbps)
-        if "softmax" in ops:
+        if "layer_norm" in ops or "rms_norm" in ops:
+            norm_wide_sweep(b, copy_gbps, ops)
+        if "softmax" in ops and not args.sweep_wide:
             softmax_sweep(b, copy_gbps)
-        cols = ["op", "shape", "impl", "pass", "gpu_ms", "gpu_pct_copy", "cpu_us", "note", "error"]
+        cols = ["op", "shape", "impl", "pass", "gpu_ms", "gpu_pct_copy", "cpu_us", "rel_err", "note", "error"]
         b.table(cols, title="row-wise launch sweep, bf16, GPU time (queued)", out=args.out)
         return 0
     torch_ms = {}

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--stacks", type=float, default=0.0, help="dump stacks every S seconds during the first step")
     p.add_argument("--cheap-errors", action="store_true", help="short Inductor lowering errors (see below)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="tritonize(cudagraphs=True), or torch.compile(mode='reduce-overhead')")
     args = p.parse_args(argv)
 
     spec = (QUICK if args.quick else FULL)[args.model]
@@ -52,14 +54,14 @@ def main(argv=None) -> int:
         model = _model_class(args.model)(config)
     model.to(dtype).train()
     if args.impl == "torch.compile":
-        runner = torch.compile(model)
+        runner = torch.compile(model, mode="reduce-overhead" if args.cudagraphs else None)
     elif args.impl == "compile(tritonize)":
         runner = torch.compile(model, backend="tritonize")
     elif args.impl.startswith("tritonize"):
         from tritonize import tritonize
 
         runner = tritonize(model, rest="inductor" if args.impl == "tritonize+inductor" else "eager",
-                           exclude=tuple(x for x in args.exclude.split(",") if x))
+                           exclude=tuple(x for x in args.exclude.split(",") if x), cudagraphs=args.cudagraphs)
     else:
         runner = model
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -98,9 +100,14 @@ def main(argv=None) -> int:
 
         lce = importlib.import_module("tritonize.kernels.linear_cross_entropy")
         print("linear_cross_entropy custom-op (slow path) weight types:", lce.SLOW_PATH)
-    for _ in range(2):
+    for i in range(2, 6):  # single steps: a step that re-captures or re-records stands out
+        t0 = time.perf_counter()
         step()
-    sync()
+        sync()
+        print(f"step {i}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    from torch._dynamo.utils import counters
+
+    print("counters:", {k: dict(v) for k, v in counters.items() if v})
 
     # Wall per step, and host time to issue one step when the GPU is not waited on.
     t0 = time.perf_counter()

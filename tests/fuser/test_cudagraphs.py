@@ -77,7 +77,8 @@ def test_aot_path_numerics_on_cpu(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert report(m).cudagraphs == ["graph 0: CUDA graphs on"]
+    notes = report(m).cudagraphs
+    assert notes and all(n.endswith("CUDA graphs on") for n in notes), notes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -93,7 +94,8 @@ def test_replayed_training_matches_uncaptured(rest):
     skips = counters["inductor"]["cudagraph_skips"]
     m = tritonize(_llama("cuda"), rest=rest, cudagraphs=True)
     got = _train(m, ids, 6)
-    assert report(m).cudagraphs == ["graph 0: CUDA graphs on"], report(m).cudagraphs
+    notes = report(m).cudagraphs
+    assert notes and all(n.endswith("CUDA graphs on") for n in notes), notes
     assert counters["inductor"]["cudagraph_skips"] == skips, "torch declined to record the graph"
     torch.testing.assert_close(got[0], plain[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[0], eager[0], rtol=2e-3, atol=2e-3)

@@ -96,6 +96,34 @@ def test_layer_norm_wide_row_paths(device, monkeypatch):
         check3(layer_norm, layer_norm_reference, _inputs((3, 70), torch.float32, device, weight=False))
 
 
+def shrink_wide_bwd(monkeypatch, variant):
+    """Knobs of _norm_common shrunk so small shapes take the wide-row backward `variant` with
+    several column blocks, row groups / chunks (and a partial last one)."""
+    monkeypatch.setattr(nc, "BWD_FUSED_MAX", 64)
+    monkeypatch.setattr(nc, "WIDE_BWD", variant)
+    monkeypatch.setattr(nc, "STATS_CFG", (32, 1))
+    monkeypatch.setattr(nc, "SPLIT_TILE", (4, 32, 1))
+    monkeypatch.setattr(nc, "SPLIT_PROGRAMS_PER_SM", 4)
+    monkeypatch.setattr(nc, "CHAIN_ROWS", 8)
+    monkeypatch.setattr(nc, "CHAIN_LAG", 2)
+    monkeypatch.setattr(nc, "CHAIN_TILE", (4, 32))
+    monkeypatch.setattr(nc, "CHAIN_WARPS", 1)
+
+
+@pytest.mark.parametrize("variant", ["split", "chain"])
+def test_layer_norm_wide_bwd_variants(device, monkeypatch, variant):
+    """The "split" and "chain" wide-row backwards (dx with dweight / dbias from column tiles):
+    row counts not divisible by the tile / chunk, N not by the column block, padded rows,
+    stride-0 dy, the residual variant, dweight or dbias alone."""
+    shrink_wide_bwd(monkeypatch, variant)
+    check3(layer_norm, layer_norm_reference, _inputs((37, 100), torch.float32, device), prep_x=noncontig_rows)
+    check3(add_layer_norm, layer_norm_reference, _inputs((5, 129), torch.float16, device, residual=True),
+           names=("normed", "sum"))
+    check3(layer_norm, layer_norm_reference, _inputs((3, 70), torch.float32, device, weight=False))
+    check3(layer_norm, layer_norm_reference, _inputs((2, 3, 200), torch.float16, device, bias=False),
+           grad_fn=stride0_grad)
+
+
 def test_layer_norm_torch_fallback(device, monkeypatch):
     """Where Triton does not run, the op computes the same thing in plain torch."""
     monkeypatch.setattr(ln_mod, "use_triton", lambda t: False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import check3, dtypes_for, noncontig_rows, stride0_grad, strided_vec, transposed_copy
+from tests.kernels.test_layer_norm import shrink_wide_bwd
 from tritonize.kernels import _norm_common as nc
 
 # the module by its import path: `tritonize.kernels.rms_norm` as an attribute may be the function
@@ -101,6 +102,19 @@ def test_rms_norm_wide_row_paths(device, monkeypatch):
         check3(add_rms_norm, rms_norm_reference, _inputs((5, 129), torch.float16, device, residual=True),
                names=("normed", "sum"))
         check3(rms_norm, rms_norm_reference, _inputs((3, 70), torch.float16, device, weight_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("variant", ["split", "chain"])
+def test_rms_norm_wide_bwd_variants(device, monkeypatch, variant):
+    """The "split" and "chain" wide-row backwards (dx with dweight from column tiles), knobs
+    shrunk as in test_layer_norm: awkward shapes, padded rows, stride-0 dy, the residual
+    variant, an fp32 weight with half x (fp32 output and dy)."""
+    shrink_wide_bwd(monkeypatch, variant)
+    check3(rms_norm, rms_norm_reference, _inputs((37, 100), torch.float32, device), prep_x=noncontig_rows)
+    check3(add_rms_norm, rms_norm_reference, _inputs((5, 129), torch.float16, device, residual=True),
+           names=("normed", "sum"))
+    check3(rms_norm, rms_norm_reference, _inputs((3, 70), torch.float16, device, weight_dtype=torch.float32))
+    check3(rms_norm, rms_norm_reference, _inputs((2, 3, 200), torch.float16, device), grad_fn=stride0_grad)
 
 
 def test_rms_norm_torch_fallback(device, monkeypatch):

@@ -10,8 +10,15 @@ It is reduced in two stages, never with atomics on a hot (N,) buffer:
      small column sum either way, but a Triton launch costs ~30-40 us of host time on the H100
      host against ~5-10 us for a torch op, and the row-wise ops are host-bound at realistic sizes.
 When a row is too wide for a per-program accumulator to stay in registers (N > BWD_FUSED_MAX),
-the row-wise backward computes only dx, and `_norm_dwdb_kernel` computes the partials from
-column tiles instead (it re-reads x and dy once: the price of not spilling a 2x N fp32 accumulator).
+the backward takes one of the WIDE_BWD variants below (see the comment above `wide_backward` for
+the traffic of each):
+  "loop":  the row-wise kernel computes only dx, and `_norm_dwdb_kernel` computes the partials
+           from column tiles (it re-reads x and dy once: the price of not spilling a 2x N fp32
+           accumulator);
+  "split": `_norm_bwd_stats_kernel` (the per-row sums dx needs) + `_norm_bwd_tiles_kernel` (dx and
+           the partials together, from column tiles);
+  "chain": `_norm_bwd_chain_kernel`, the two steps of "split" in one launch, interleaved so that
+           the tiles re-read x and dy from L2.
 """
 
 from __future__ import annotations
@@ -53,6 +60,26 @@ LOOP_PROGRAMS_PER_SM = 2
 # Programs per SM of the persistent fused backward; None = as many as the register estimate in
 # `persistent_grid` fits (the sweep in benchmarks/bench_rowwise.py times 1 and 2 against it).
 BWD_PROGRAMS_PER_SM = None
+
+# Backward of rows wider than BWD_FUSED_MAX that also needs dweight / dbias: "loop", "split" or
+# "chain" (module docstring; traffic per variant above `wide_backward`). "loop" with
+# DX_FUSED_MAX = 32768 is the single-pass dx (whole row in registers, spilling to L1) variant.
+WIDE_BWD = "loop"
+# (chunk width, warps) of the per-row sums pass of "split" (one row per program, looped).
+STATS_CFG = (4096, 8)
+# (BLOCK_M, BLOCK_N, warps) of "split"'s tile kernel, and its programs per SM (grid = column
+# blocks x row groups; each program strides over the rows of its group, accumulating partials).
+SPLIT_TILE = (4, 1024, 8)
+SPLIT_PROGRAMS_PER_SM = 4
+# "chain": rows per chunk (one dweight/dbias partial row per chunk), how many chunks the tile
+# programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the warps of the launch
+# (the stats programs take STATS_CFG's chunk width), and L2 eviction hints (the stats pass
+# loads with evict_last, the tile pass re-loads with evict_first).
+CHAIN_ROWS = 64
+CHAIN_LAG = 1
+CHAIN_TILE = (4, 1024)
+CHAIN_WARPS = 8
+CHAIN_EVICT_HINTS = True
 
 
 @triton.jit
@@ -119,6 +146,270 @@ def _norm_dwdb_kernel(
         tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
     if COMPUTE_DB:
         tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wide-row backward, "split" and "chain" variants (see `wide_backward` for the traffic math)
+# ---------------------------------------------------------------------------------------------
+# Both rest on one observation: the row-wise part of the backward is two per-row scalars. With
+# xhat = (x - mean) * rstd (RMSNorm: xhat = x * rstd, no mean) and g = dy * w:
+#     LayerNorm: dx = rstd * (g - xhat * c1 - c2),   c1 = mean_j(g * xhat),  c2 = mean_j(g)
+#     RMSNorm:   dx = rstd * (g - xhat * c1)          (the same c1; no c2 term)
+# Once c1 (and c2) of every row are known (STATS, (M, 1 + HAS_MEAN) fp32), dx is element-wise, so
+# it can be computed from column tiles by the programs that also accumulate the column sums
+# dw[j] = sum_r dy * xhat (RMSNorm: xhat rounded to x's dtype) and db[j] = sum_r dy.
+
+
+@triton.jit
+def _load_f32(ptr, mask, HINT: tl.constexpr):
+    """tl.load(ptr, mask, other=0) as fp32, with an L2 eviction hint (0: none, 1: evict_last,
+    2: evict_first). Literal policies in constexpr branches: long-standing Triton API only."""
+    if HINT == 1:
+        v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last")
+    elif HINT == 2:
+        v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy,
+                    HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HINT: tl.constexpr, BLOCK: tl.constexpr):
+    """STATS[row] = (c1, c2) (RMSNorm: c1 only) of one row (int64 `row`), looping over BLOCK chunks."""
+    rstd = tl.load(RSTD + row)
+    if HAS_MEAN:
+        mean = tl.load(MEAN + row)
+    a1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        cm = cols < N
+        x = _load_f32(X + row * stride_x + cols, cm, HINT)
+        g = _load_f32(DY + row * stride_dy + cols, cm, HINT)
+        if HAS_WEIGHT:
+            g = g * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        # g is 0 outside the row, so padded lanes add nothing to either sum
+        if HAS_MEAN:
+            a1 += g * ((x - mean) * rstd)
+            a2 += g
+        else:
+            a1 += g * (x * rstd)
+    if HAS_MEAN:
+        tl.store(STATS + 2 * row, tl.sum(a1, axis=0) / N)
+        tl.store(STATS + 2 * row + 1, tl.sum(a2, axis=0) / N)
+    else:
+        tl.store(STATS + row, tl.sum(a1, axis=0) / N)
+
+
+@triton.jit
+def _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x, stride_dy, stride_ds,
+             HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, ROUND_XHAT: tl.constexpr,
+             HINT: tl.constexpr, VOLATILE_STATS: tl.constexpr):
+    """dx of a (BLOCK_M, BLOCK_N) tile from its rows' STATS; returns (dy, xhat) as fp32 for the
+    caller's dw/db accumulators (dy is 0 outside the tile's mask, so dy and dy * xhat add nothing
+    there). `w`: the tile's weight columns, fp32 (unused without HAS_WEIGHT)."""
+    row_ok = rows < M
+    m = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = _load_f32(X + rows64[:, None] * stride_x + cols[None, :], m, HINT)
+    dy = _load_f32(DY + rows64[:, None] * stride_dy + cols[None, :], m, HINT)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    if HAS_WEIGHT:
+        g = dy * w[None, :]
+    else:
+        g = dy
+    if HAS_MEAN:
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        # volatile: in "chain" STATS was written by other programs of this launch (not via L1)
+        if VOLATILE_STATS:
+            c1 = tl.load(STATS + 2 * rows64, mask=row_ok, other=0.0, volatile=True)
+            c2 = tl.load(STATS + 2 * rows64 + 1, mask=row_ok, other=0.0, volatile=True)
+        else:
+            c1 = tl.load(STATS + 2 * rows64, mask=row_ok, other=0.0)
+            c2 = tl.load(STATS + 2 * rows64 + 1, mask=row_ok, other=0.0)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    else:
+        if VOLATILE_STATS:
+            c1 = tl.load(STATS + rows64, mask=row_ok, other=0.0, volatile=True)
+        else:
+            c1 = tl.load(STATS + rows64, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        dx = (g - xhat * c1[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    if ROUND_XHAT:  # RMSNorm (HF): dweight multiplies the normalised value rounded to x's dtype
+        xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+    return dy, xhat
+
+
+@fast_launch
+@triton.jit
+def _norm_bwd_stats_kernel(
+    X,  # (M, N) normalised input s, row stride stride_x
+    W,  # (N,) weight (if HAS_WEIGHT)
+    DY,  # (M, N) gradient of the normed output, row stride stride_dy
+    MEAN,  # (M,) fp32 (if HAS_MEAN: layer norm)
+    RSTD,  # (M,) fp32
+    STATS,  # (M, 1 + HAS_MEAN) fp32 out: c1 (, c2)
+    N,
+    stride_x,
+    stride_dy,
+    HAS_MEAN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # "split", step 1: one row per program (grid = M); reads x and dy once, writes 4-8 bytes.
+    row = tl.program_id(0).to(tl.int64)
+    _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy, HAS_MEAN, HAS_WEIGHT, 0, BLOCK)
+
+
+@fast_launch
+@triton.jit
+def _norm_bwd_tiles_kernel(
+    X,  # (M, N) normalised input s, row stride stride_x
+    W,  # (N,) weight (if HAS_WEIGHT)
+    DY,  # (M, N) gradient of the normed output, row stride stride_dy
+    DS,  # (M, N) gradient of the returned s, row stride stride_ds (if HAS_DS)
+    MEAN,  # (M,) fp32 (if HAS_MEAN)
+    RSTD,  # (M,) fp32
+    STATS,  # (M, 1 + HAS_MEAN) fp32: c1 (, c2) from _norm_bwd_stats_kernel
+    DX,  # (M, N) out, contiguous
+    PART,  # (G, COMPUTE_DW + COMPUTE_DB, N) fp32 partials: dw (if COMPUTE_DW), then db (if COMPUTE_DB)
+    M,
+    N,
+    stride_x,
+    stride_dy,
+    stride_ds,
+    HAS_MEAN: tl.constexpr,
+    ROUND_XHAT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # "split", step 2: grid = (cdiv(N, BLOCK_N), G), as _norm_dwdb_kernel; program (c, g) owns
+    # columns [c*BLOCK_N, ...) and rows g*BLOCK_M + k*G*BLOCK_M, writes their dx and one partial
+    # row per gradient. Reads x and dy once more; writes dx once.
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    G = tl.num_programs(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(pid_g * BLOCK_M, M, G * BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        dy, xhat = _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x, stride_dy,
+                            stride_ds, HAS_MEAN, HAS_WEIGHT, HAS_DS, ROUND_XHAT, 0, False)
+        if COMPUTE_DW:
+            acc_w += dy * xhat  # dy is 0 outside the mask, so padded lanes add nothing
+        if COMPUTE_DB:
+            acc_b += dy
+    part = PART + pid_g.to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
+    if COMPUTE_DW:
+        tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+    if COMPUTE_DB:
+        tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+
+
+@fast_launch
+@triton.jit
+def _norm_bwd_chain_kernel(
+    X,  # (M, N) normalised input s, row stride stride_x
+    W,  # (N,) weight (if HAS_WEIGHT)
+    DY,  # (M, N) gradient of the normed output, row stride stride_dy
+    DS,  # (M, N) gradient of the returned s, row stride stride_ds (if HAS_DS)
+    MEAN,  # (M,) fp32 (if HAS_MEAN)
+    RSTD,  # (M,) fp32
+    STATS,  # (M, 1 + HAS_MEAN) fp32 scratch: c1 (, c2), written by the stats programs
+    SYNC,  # (n_chunks + 1,) int32, zeroed: stats programs done per chunk, then the ticket counter
+    DX,  # (M, N) out, contiguous
+    PART,  # (n_chunks, COMPUTE_DW + COMPUTE_DB, N) fp32 partials: one row per chunk
+    M,
+    N,
+    stride_x,
+    stride_dy,
+    stride_ds,
+    n_chunks,
+    n_col_blocks,  # cdiv(N, BLOCK_N)
+    HAS_MEAN: tl.constexpr,
+    ROUND_XHAT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr,  # rows per chunk, a multiple of BLOCK_M
+    LAG: tl.constexpr,  # chunks by which the tile programs trail the stats programs (>= 1)
+    LOAD_HINT: tl.constexpr,  # _load_f32 hints of the stats loads (1: evict_last) and of the
+    RELOAD_HINT: tl.constexpr,  # tiles' re-loads (2: evict_first); 0: none
+    STAT_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # "split" in one launch, ordered so that the tile programs re-read x and dy from L2.
+    # Programs take roles by a ticket v (an atomic counter, so v follows the order in which
+    # programs actually start): v = step * (CHUNK_ROWS + n_col_blocks) + r;
+    #   r <  CHUNK_ROWS: stats program of row step * CHUNK_ROWS + r (chunk `step`);
+    #   r >= CHUNK_ROWS: tile program of column block r - CHUNK_ROWS of chunk step - LAG: waits
+    #                    until the CHUNK_ROWS stats programs of its chunk are done, then computes
+    #                    dx for its (CHUNK_ROWS, BLOCK_N) slab and that slab's partial dw/db.
+    # A tile program only waits on programs with smaller tickets, which have all started already
+    # and never wait themselves: no deadlock, whatever the hardware's block scheduling order (the
+    # scheme of CUB's single-pass scan). Between a row's stats read and its tiles' re-read,
+    # ~LAG chunks of x and dy (LAG * CHUNK_ROWS * N * 4 bytes in bf16: 8 MB at 64 x 32768) pass
+    # through L2 (50 MB on the H100), so the re-read should mostly hit L2.
+    v = tl.atomic_add(SYNC + n_chunks, 1)
+    per_step = CHUNK_ROWS + n_col_blocks
+    step = v // per_step
+    r = v % per_step
+    if r < CHUNK_ROWS:
+        if step < n_chunks:
+            row = step.to(tl.int64) * CHUNK_ROWS + r
+            if row < M:
+                _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy, HAS_MEAN, HAS_WEIGHT,
+                                LOAD_HINT, STAT_BLOCK)
+            # every thread's STATS store is done before the count goes up (the atomic's release
+            # order then publishes them to the tile programs)
+            tl.debug_barrier()
+            tl.atomic_add(SYNC + step, 1)
+    else:
+        chunk = step - LAG
+        if chunk >= 0:
+            # spin until the chunk's stats are published (acquire; the loop re-reads the count)
+            done = tl.atomic_add(SYNC + chunk, 0)
+            while done < CHUNK_ROWS:
+                done = tl.atomic_add(SYNC + chunk, 0)
+            cols = (r - CHUNK_ROWS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            else:
+                w = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused
+            acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(0, CHUNK_ROWS, BLOCK_M):
+                rows = chunk * CHUNK_ROWS + i + tl.arange(0, BLOCK_M)
+                dy, xhat = _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x,
+                                    stride_dy, stride_ds, HAS_MEAN, HAS_WEIGHT, HAS_DS, ROUND_XHAT,
+                                    RELOAD_HINT, True)
+                if COMPUTE_DW:
+                    acc_w += dy * xhat
+                if COMPUTE_DB:
+                    acc_b += dy
+            part = PART + chunk.to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
+            if COMPUTE_DW:
+                tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+            if COMPUTE_DB:
+                tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +558,71 @@ def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw: bool,
         num_warps=4,
     )
     return part
+
+
+# Traffic of the wide-row backward in units of one (M, N) bf16 tensor (256 MB at 4096 x 32768);
+# the minimum is 3 (read x, dy; write dx). dw/db partials: G x K x N fp32, written and re-read
+# by `reduce_partials` (K = 2 for LayerNorm with bias).
+#   "loop", N <= DX_FUSED_MAX:  dx row kernel 3 + _norm_dwdb_kernel 2                     = 5
+#   "loop", N >  DX_FUSED_MAX:  as above, plus the dx kernel's second pass over each row
+#                               (x, dy: 2 more, from L2 if LOOP_PROGRAMS_PER_SM keeps it)  = 5 (+2 L2)
+#   "split":  stats 2 (x, dy) + tiles 3 (x, dy, dx) + partials 2*G*K*N*4 bytes (G ~ 17 at
+#             N = 32768: ~0.02)                                                            = 5
+#   "chain":  stats 2 from DRAM + tiles 1 (dx) + re-read of x, dy from L2 (0 from DRAM when it
+#             hits) + partials 2*(M/CHUNK_ROWS)*K*N*4 bytes (8K/CHUNK_ROWS units: 0.25 at 64
+#             rows with K = 2, 0.125 for RMSNorm)                                           ~ 3.1-3.3
+# plus 4-8 bytes per row of STATS, written once and read once per column block (L2).
+def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_dy, stride_ds,
+                  compute_dw: bool, compute_db: bool, *, round_xhat: bool, variant: str | None = None):
+    """dx (written into the contiguous `dx`) and the (G, K, N) fp32 dw/db partials for
+    `reduce_partials` (K = compute_dw + compute_db >= 1), by the "split" or "chain" variant
+    (default WIDE_BWD). x2 / dy2 / ds2: base tensors of (m, n) rows with the given row strides
+    (see `as_rows`); ds2 is None without the add variant's upstream gradient; mean is None for
+    RMSNorm."""
+    variant = variant or WIDE_BWD
+    has_mean = mean is not None
+    k = int(compute_dw) + int(compute_db)
+    dev = x2.device
+    stats = torch.empty((m, 2 if has_mean else 1), dtype=torch.float32, device=dev)
+    stat_block = min(STATS_CFG[0], next_pow2(n))
+    common = dict(HAS_MEAN=has_mean, ROUND_XHAT=round_xhat, HAS_WEIGHT=weight is not None, HAS_DS=ds2 is not None,
+                  COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db)
+    w = weight if weight is not None else x2  # unused pointers stand in for absent tensors
+    mean_ = mean if has_mean else rstd
+    ds_ = ds2 if ds2 is not None else dy2
+    if variant == "split":
+        _norm_bwd_stats_kernel[(m,)](
+            x2, w, dy2, mean_, rstd, stats, n, stride_x, stride_dy,
+            HAS_MEAN=has_mean, HAS_WEIGHT=weight is not None, BLOCK=stat_block, num_warps=STATS_CFG[1],
+        )  # fmt: skip
+        block_m, block_n, warps = SPLIT_TILE
+        block_n = min(block_n, next_pow2(n))
+        col_blocks = cdiv(n, block_n)
+        # enough programs for SPLIT_PROGRAMS_PER_SM per SM, but few row groups (partials)
+        g = max(1, min(cdiv(m, block_m), cdiv(device_sms(x2) * SPLIT_PROGRAMS_PER_SM, col_blocks)))
+        part = torch.empty((g, k, n), dtype=torch.float32, device=dev)
+        _norm_bwd_tiles_kernel[(col_blocks, g)](
+            x2, w, dy2, ds_, mean_, rstd, stats, dx, part, m, n, stride_x, stride_dy, stride_ds,
+            **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+        return part
+    if variant == "chain":
+        block_m, block_n = CHAIN_TILE
+        block_n = min(block_n, next_pow2(n))
+        rows = max(CHAIN_ROWS, block_m)  # both powers of two: rows is a multiple of block_m
+        n_chunks = cdiv(m, rows)
+        lag = max(1, min(CHAIN_LAG, n_chunks))
+        col_blocks = cdiv(n, block_n)
+        sync = torch.zeros((n_chunks + 1,), dtype=torch.int32, device=dev)
+        part = torch.empty((n_chunks, k, n), dtype=torch.float32, device=dev)
+        # n_chunks + lag steps of (rows stats programs + col_blocks tile programs); those whose
+        # role falls outside [0, n_chunks) do nothing
+        grid = (n_chunks + lag) * (rows + col_blocks)
+        _norm_bwd_chain_kernel[(grid,)](
+            x2, w, dy2, ds_, mean_, rstd, stats, sync, dx, part, m, n, stride_x, stride_dy, stride_ds,
+            n_chunks, col_blocks, **common, CHUNK_ROWS=rows, LAG=lag, LOAD_HINT=1 if CHAIN_EVICT_HINTS else 0,
+            RELOAD_HINT=2 if CHAIN_EVICT_HINTS else 0,
+            STAT_BLOCK=stat_block, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=CHAIN_WARPS,
+        )  # fmt: skip
+        return part
+    raise ValueError(f"unknown wide-row backward variant {variant!r} (WIDE_BWD: 'loop', 'split' or 'chain')")

@@ -590,9 +590,10 @@ def cross_entropy_reference(
 def check_targets(op: str, target: torch.Tensor, n_classes: int, ignore_index: int):
     """CPU targets: a cheap range check with a clear error. CUDA targets are checked by the
     kernel (a bad row's loss is NaN) to avoid a device->host sync per call."""
-    if target.is_cuda or target.numel() == 0 or torch.compiler.is_compiling():
-        # (under torch.compile a data-dependent check would break the graph; the kernel's
-        # NaN marking, or the reference path's gather, still reports a bad target)
+    if target.is_cuda or target.numel() == 0 or torch.compiler.is_compiling() or type(target) is not torch.Tensor:
+        # (under torch.compile, and while AOTAutograd traces with fake/functional tensors, a
+        # data-dependent check would break the graph; the kernel's NaN marking, or the reference
+        # path's gather, still reports a bad target)
         return
     bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bool(bad.any()):

@@ -301,6 +301,12 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
         return dx, (zeros(dw_dtype) if compute_dw else None), (zeros(db_dtype) if compute_db else None)
     weight = nc.vec(weight)
     fused_acc = need_acc and n <= nc.BWD_FUSED_MAX
+    if need_acc and not fused_acc and nc.WIDE_BWD != "loop":
+        # wide rows, "split" / "chain" (_norm_common.wide_backward): dx and the partials together
+        with nc.device_ctx(xin):
+            part = nc.wide_backward(x2, weight, dy2, ds2 if ds is not None else None, mean, rstd, dx, m, n, stride_x,
+                                    stride_dy, stride_ds, compute_dw, compute_db, round_xhat=False)
+        return (dx, *_reduce(part, compute_dw, compute_db, dw_dtype, db_dtype))
     block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
                                              "ln_bwd" if fused_acc else "ln_dx")
     if fused_acc:
@@ -342,11 +348,15 @@ def layer_norm_backward(dy, xin, weight, mean, rstd, *, ds=None, compute_dw=True
         if not fused_acc:
             part = nc.dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw, compute_db,
                                  round_xhat=False)
+    return (dx, *_reduce(part, compute_dw, compute_db, dw_dtype, db_dtype))
+
+
+def _reduce(part, compute_dw, compute_db, dw_dtype, db_dtype):
+    """(dw, db) from the (G, K, N) partials; None for a gradient not computed."""
     if compute_dw and compute_db:
-        dw, db = nc.reduce_partials(part, (dw_dtype, db_dtype))
-        return dx, dw, db
+        return nc.reduce_partials(part, (dw_dtype, db_dtype))
     (g,) = nc.reduce_partials(part, (dw_dtype if compute_dw else db_dtype,))
-    return dx, (g if compute_dw else None), (g if compute_db else None)
+    return (g if compute_dw else None), (g if compute_db else None)
 
 
 # =============================================================================================

@@ -256,6 +256,13 @@ def rms_norm_backward(dy, xin, weight, rstd, *, ds=None, compute_dw=True):
         return dx, (torch.zeros((n,), dtype=weight.dtype, device=xin.device) if compute_dw else None)
     weight = nc.vec(weight)
     fused_acc = compute_dw and n <= nc.BWD_FUSED_MAX
+    if compute_dw and not fused_acc and nc.WIDE_BWD != "loop":
+        # wide rows, "split" / "chain" (_norm_common.wide_backward): dx and the partials together
+        with nc.device_ctx(xin):
+            dw_part = nc.wide_backward(x2, weight, dy2, ds2 if ds is not None else None, None, rstd, dx, m, n,
+                                       stride_x, stride_dy, stride_ds, True, False, round_xhat=True)
+        (dw,) = nc.reduce_partials(dw_part, (weight.dtype,))
+        return dx, dw
     block, rows, warps, loop = nc.row_config(n, nc.BWD_FUSED_MAX if fused_acc else nc.DX_FUSED_MAX, nc.BWD_LOOP,
                                              "rms_bwd" if fused_acc else "rms_dx")
     if fused_acc:

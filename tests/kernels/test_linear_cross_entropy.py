@@ -199,15 +199,53 @@ def test_with_logits_forward_backward(device, v):
                 z = F.linear(hh, ww, bb)
                 return F.cross_entropy(z.float().view(-1, v), tt, reduction=reduction), z
 
-            ours = _with_logits_objective(linear_cross_entropy_with_logits, h, w, b, t, r, reduction)
             tor = _with_logits_objective(torch_fn, h, w, b, t, r, reduction)
             ref = _with_logits_objective(torch_fn, *(None if x is None else x.float() for x in (h, w, b)), t, r,
                                          reduction)  # fmt: skip
-            for i, what in enumerate(("loss", "logits", "dhidden", "dweight", "dbias")):
-                if ref[i] is None:
-                    assert ours[i] is None
-                    continue
-                assert_close3(ours[i], tor[i], ref[i], name=f"{dtype} v={v} bias={bias} {reduction} {what}")
+            # the eager one-pass Function, and the custom op that traced graphs (AOTAutograd) call
+            for name, fn in (("eager", linear_cross_entropy_with_logits), ("custom op", _custom_op_with_logits)):
+                ours = _with_logits_objective(fn, h, w, b, t, r, reduction)
+                for i, what in enumerate(("loss", "logits", "dhidden", "dweight", "dbias")):
+                    if ref[i] is None:
+                        assert ours[i] is None
+                        continue
+                    assert_close3(ours[i], tor[i], ref[i], name=f"{name} {dtype} v={v} bias={bias} {reduction} {what}")
+
+
+def _custom_op_with_logits(h, w, t, b, reduction):
+    from tritonize.kernels.linear_cross_entropy import _lce_logits_fwd_op
+
+    loss, logits, *_ = _lce_logits_fwd_op(h, w, t, b, -100, reduction, h.requires_grad, w.requires_grad,
+                                          b is not None and b.requires_grad)  # fmt: skip
+    return loss, logits
+
+
+def test_with_logits_traced_takes_the_custom_op():
+    """Under AOTAutograd (torch.compile's aot_eager) the public function must call the one-pass
+    custom op, not the composed F.linear + linear_cross_entropy (two vocabulary matmuls)."""
+    from tritonize.kernels import linear_cross_entropy_with_logits
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        from functorch.compile import make_boxed_func
+
+        def fw(g, _inputs):
+            seen.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
+            return make_boxed_func(g)
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=lambda g, _i: make_boxed_func(g))(gm, example_inputs)
+
+    h = torch.randn(6, H, requires_grad=True)
+    w = torch.randn(40, H, requires_grad=True)
+    t = torch.randint(0, 40, (6,))
+    loss, logits = torch.compile(linear_cross_entropy_with_logits, backend=backend, fullgraph=True)(h, w, t)
+    (loss + logits.sum()).backward()
+    assert any("linear_cross_entropy_logits_fwd" in s for s in seen), seen
+    assert not any(s.endswith("linear_cross_entropy_fwd.default") for s in seen), seen
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w), t), rtol=1e-5, atol=1e-5)
 
 
 def test_with_logits_only_loss_used_and_chunks(device):

@@ -618,6 +618,96 @@ class _LinearCrossEntropyLogitsFn(torch.autograd.Function):
 _linear_cross_entropy_logits_fn = fast_apply(_LinearCrossEntropyLogitsFn)
 
 
+# The same one-pass form as a custom op, for graphs that AOTAutograd traces (rest="inductor",
+# cudagraphs=True, torch.compile(backend="tritonize")): without it those graphs took the composed
+# form, a second matmul over the vocabulary plus the lean path's small chunks (on the 12-layer
+# Llama of bench_models: ~7 ms more GPU time per step than the eager path).
+
+
+@torch.library.custom_op("tritonize::linear_cross_entropy_logits_fwd", mutates_args=())
+def _lce_logits_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h2 = rows_2d(hidden)
+    t1 = target.reshape(-1)
+    n, v = h2.shape[0], weight.shape[0]
+    need_db = need_db and bias is not None
+    if use_triton(hidden):
+        logits = torch.empty((n, v), dtype=hidden.dtype, device=hidden.device)
+        loss, dh, dw, db = linear_cross_entropy_forward(
+            h2, weight, t1, bias, ignore_index=ignore_index, reduction=reduction, need_dh=need_dh,
+            need_dw=need_dw, need_db=need_db, logits_out=logits, chunk_size=logits_chunk_size(n, h2.shape[1], v),
+        )  # fmt: skip
+    else:
+        logits = torch.nn.functional.linear(h2, weight, bias)
+        loss, dh, dw, db = _forward_reference(h2, weight, t1, bias, ignore_index, reduction, 1.0, None, 0.0, None,
+                                              need_dh, need_dw, need_db, None)  # fmt: skip
+    return (
+        loss.sum(),
+        logits.view(*hidden.shape[:-1], v),
+        hidden.new_empty(0) if dh is None else dh.view(hidden.shape),
+        hidden.new_empty(0) if dw is None else dw,
+        hidden.new_empty(0) if db is None else db,
+    )
+
+
+@_lce_logits_fwd_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, reduction, need_dh, need_dw, need_db):
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty((*hidden.shape[:-1], weight.shape[0])),
+        hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _logits_setup_context(ctx, inputs, output):
+    hidden, weight, _target, _bias, _ii, _red, need_dh, need_dw, need_db = inputs
+    _loss, _logits, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.set_materialize_grads(False)
+    ctx.need = (need_dh, need_dw, need_db)
+    ctx.save_for_backward(hidden, weight, dh, dw, db)
+
+
+def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
+    """As _LinearCrossEntropyLogitsFn.backward: the saved gradients scaled by grad_loss (in place,
+    the custom op), plus F.linear's backward for a gradient on the returned logits."""
+    hidden, weight, dh, dw, db = ctx.saved_tensors
+    need_dh, need_dw, need_db = ctx.need
+    if getattr(ctx, "_used", False):
+        raise RuntimeError(
+            "tritonize.linear_cross_entropy_with_logits: backward ran twice through the same graph; the "
+            "gradients are computed in the forward and scaled in place (no retain_graph)"
+        )
+    ctx._used = True
+    if grad_loss is None:  # only the logits carry a gradient
+        grad_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    _lce_bwd_op(dh, dw, db, grad_loss)
+    if grad_logits is not None:
+        g2 = grad_logits.reshape(-1, weight.shape[0])
+        if need_dh:
+            dh = dh + (g2 @ weight).view(hidden.shape)
+        if need_dw:
+            dw = dw + g2.t() @ hidden.reshape(-1, hidden.shape[-1])
+        if need_db and db.numel():
+            db = db + g2.sum(0, dtype=torch.float32).to(db.dtype)
+    return (dh if need_dh else None, dw if need_dw else None, None,
+            db if need_db and db.numel() else None, None, None, None, None, None)
+
+
+_lce_logits_fwd_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
 def linear_cross_entropy_with_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -642,6 +732,16 @@ def linear_cross_entropy_with_logits(
         and reduction in ("mean", "sum") and type(ignore_index) is int
         and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0
     )  # fmt: skip
+    if not fast and _tensors_ok(hidden, weight, target, bias) and torch.is_grad_enabled() \
+            and reduction in ("mean", "sum") and type(ignore_index) is int \
+            and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0:
+        # traced (AOTAutograd: fake/functional tensors) or a tensor subclass: the custom op, one pass
+        check_targets("linear_cross_entropy_with_logits", target, weight.shape[0], ignore_index)
+        need_dh, need_dw = hidden.requires_grad, weight.requires_grad
+        need_db = bias is not None and bias.requires_grad
+        loss, logits, _, _, _ = _lce_logits_fwd_op(hidden, weight, target, bias, ignore_index, reduction,
+                                                   need_dh, need_dw, need_db)
+        return loss, logits
     if not fast:  # the composed form: checks every argument, runs under compile, fake tensors, CPU
         logits = torch.nn.functional.linear(hidden, weight, bias)
         h2 = hidden.reshape(-1, hidden.shape[-1]) if isinstance(hidden, T) and hidden.dim() != 2 else hidden

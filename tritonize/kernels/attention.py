@@ -881,13 +881,15 @@ def attention_backward(do, q, k, v, out, lse, mask=None, causal=False, scale=Non
 @torch.library.custom_op("tritonize::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: torch.Tensor, deterministic: bool,
+    causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor], deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # seed: a 0-d int64 CPU tensor (a graph value under tracing, drawn fresh each step; an int
-    # would be baked into the graph). Reading it is a CPU read, no device sync.
+    # would be baked into the graph). Reading it is a CPU read, no device sync. None without
+    # dropout: no CPU tensor in the graph, which would keep it from being CUDA-graphed.
+    seed_i = 0 if seed is None else int(seed)
     if use_triton(q):
-        return attention_forward(q, k, v, mask, causal, scale, dropout_p, int(seed))
-    out, lse = attention_reference(q, k, v, mask, causal, scale, dropout_p, seed=int(seed), return_lse=True)
+        return attention_forward(q, k, v, mask, causal, scale, dropout_p, seed_i)
+    out, lse = attention_reference(q, k, v, mask, causal, scale, dropout_p, seed=seed_i, return_lse=True)
     # The fake declares out with q's layout (empty_like(q), as the launcher allocates it): the
     # reference's matmul result is contiguous, so copy it into that layout (Inductor asserts strides).
     return _like(out, q), lse
@@ -902,13 +904,14 @@ def _(q, k, v, mask, causal, scale, dropout_p, seed, deterministic):
 @torch.library.custom_op("tritonize::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: torch.Tensor,
+    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor],
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed_i = 0 if seed is None else int(seed)
     if use_triton(q):  # allocates empty_like(q/k/v) itself
-        return attention_backward(do, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed), deterministic)
+        return attention_backward(do, q, k, v, out, lse, mask, causal, scale, dropout_p, seed_i, deterministic)
     # Reference path (same seeded dropout mask as the reference forward), in the fake's layouts.
-    dq, dk, dv = attention_reference_backward(do, q, k, v, mask, causal, scale, dropout_p, seed=int(seed))
+    dq, dk, dv = attention_reference_backward(do, q, k, v, mask, causal, scale, dropout_p, seed=seed_i)
     return _like(dq, q), _like(dk, k), _like(dv, v)
 
 
@@ -1145,7 +1148,7 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, *, de
     # Traced (torch.compile, fake tensors): the seed stays a tensor, a graph value drawn each step
     # (new_seed()'s .item() would be data-dependent under Inductor).
     if dropout_p == 0.0:
-        seed_t = torch.zeros((), dtype=torch.int64)
+        seed_t = None
     elif seed is None:
         seed_t = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)  # new_seed()'s draw, kept a tensor
     elif isinstance(seed, torch.Tensor):

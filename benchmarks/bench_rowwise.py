@@ -302,7 +302,7 @@ def norm_sweep(b: Bench, copy_gbps):
 # Knobs of _norm_common that the wide-row backward sweep sets (all restored afterwards).
 WIDE_KNOBS = ("WIDE_BWD", "BWD_FUSED_MAX", "DX_FUSED_MAX", "BWD_LOOP", "LOOP_PROGRAMS_PER_SM", "STATS_CFG",
               "SPLIT_TILE", "SPLIT_PROGRAMS_PER_SM", "CHAIN_ROWS", "CHAIN_LAG", "CHAIN_TILE", "CHAIN_WARPS",
-              "CHAIN_EVICT_HINTS")
+              "CHAIN_EVICT_HINTS", "CHAIN_PREFETCH")
 
 
 def wide_bwd_variants(n):
@@ -317,28 +317,25 @@ def wide_bwd_variants(n):
     tag = f" [BWD_FUSED_MAX<{n}]" if force else ""
     out = [("default (current knobs)", {}, None)]
     # "loop": dx-only row kernel (+ _norm_dwdb_kernel); single-pass dx when n <= DX_FUSED_MAX
+    # (at 32768 it spills: 1.07-1.28 ms on the H100, one row is enough to track it)
     out.append((f"loop DX_FUSED_MAX={max(nc.DX_FUSED_MAX, n)} (1-pass dx) + dwdb{tag}",
                 dict(force, WIDE_BWD="loop", DX_FUSED_MAX=max(nc.DX_FUSED_MAX, n)), None))
-    for warps in (16, 32):
-        # CONFIG_OVERRIDE keys name the kernel kind: set both ops' keys, each launcher reads its own
-        out.append((f"loop 1-pass dx warps={warps} + dwdb{tag}", dict(force, WIDE_BWD="loop", DX_FUSED_MAX=n),
-                    {("ln_dx", n): (1, warps), ("rms_dx", n): (1, warps)}))
     if n > 16384:
         out.append((f"loop 2-pass dx BWD_LOOP=(16384, 32) + dwdb{tag}",
                     dict(force, WIDE_BWD="loop", DX_FUSED_MAX=16384, BWD_LOOP=(16384, 32)), None))
     # "split": stats kernel + tile kernel
-    for tile in ((4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (4, 2048, 16), (16, 512, 8), (8, 512, 4)):
-        out.append((f"split SPLIT_TILE={tile}{tag}", dict(force, WIDE_BWD="split", SPLIT_TILE=tile), None))
-    for per_sm in (2, 8):
-        out.append((f"split SPLIT_PROGRAMS_PER_SM={per_sm}{tag}",
-                    dict(force, WIDE_BWD="split", SPLIT_PROGRAMS_PER_SM=per_sm), None))
-    for cfg in ((2048, 4), (8192, 16)):
-        out.append((f"split STATS_CFG={cfg}{tag}", dict(force, WIDE_BWD="split", STATS_CFG=cfg), None))
-    # "chain": one launch, tiles re-read x and dy from L2
-    chain = [dict(), dict(CHAIN_LAG=2), dict(CHAIN_LAG=4), dict(CHAIN_ROWS=32), dict(CHAIN_ROWS=128),
-             dict(CHAIN_ROWS=32, CHAIN_LAG=2), dict(CHAIN_TILE=(8, 1024)), dict(CHAIN_TILE=(2, 2048)),
-             dict(CHAIN_TILE=(8, 512)), dict(CHAIN_WARPS=4), dict(CHAIN_WARPS=16, CHAIN_TILE=(8, 1024)),
-             dict(STATS_CFG=(8192, 8)), dict(CHAIN_EVICT_HINTS=False)]
+    split = [dict(), dict(SPLIT_TILE=(4, 1024, 8)), dict(SPLIT_TILE=(8, 1024, 8)), dict(SPLIT_TILE=(4, 2048, 16)),
+             dict(SPLIT_PROGRAMS_PER_SM=2), dict(SPLIT_PROGRAMS_PER_SM=8), dict(STATS_CFG=(2048, 4))]
+    for knobs in split:
+        label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "SPLIT_* defaults"
+        out.append((f"split {label}{tag}", dict(force, WIDE_BWD="split", **knobs), None))
+    # "chain": one launch, tiles re-read x and dy from L2 (defaults: CHAIN_ROWS=32, CHAIN_LAG=2,
+    # CHAIN_TILE=(2, 2048), CHAIN_WARPS=4, no prefetch, eviction hints on)
+    chain = [dict(), dict(CHAIN_PREFETCH=True), dict(CHAIN_EVICT_HINTS=False), dict(CHAIN_LAG=1), dict(CHAIN_LAG=4),
+             dict(CHAIN_ROWS=16, CHAIN_LAG=4), dict(CHAIN_ROWS=64), dict(CHAIN_TILE=(4, 1024)),
+             dict(CHAIN_TILE=(4, 1024), CHAIN_LAG=4), dict(CHAIN_TILE=(4, 1024), CHAIN_PREFETCH=True),
+             dict(CHAIN_TILE=(2, 1024)), dict(CHAIN_WARPS=8), dict(STATS_CFG=(8192, 8)),
+             dict(STATS_CFG=(8192, 8), CHAIN_PREFETCH=True)]
     for knobs in chain:
         label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "CHAIN_* defaults"
         out.append((f"chain {label}{tag}", dict(force, WIDE_BWD="chain", **knobs), None))

@@ -100,7 +100,10 @@ def shrink_wide_bwd(monkeypatch, variant):
     """Knobs of _norm_common shrunk so small shapes take the wide-row backward `variant` with
     several column blocks, row groups / chunks (and a partial last one)."""
     monkeypatch.setattr(nc, "BWD_FUSED_MAX", 64)
-    monkeypatch.setattr(nc, "WIDE_BWD", variant)
+    monkeypatch.setattr(nc, "WIDE_BWD", variant.split("-")[0])
+    if variant == "chain-plain":  # no software prefetch, no eviction hints
+        monkeypatch.setattr(nc, "CHAIN_PREFETCH", False)
+        monkeypatch.setattr(nc, "CHAIN_EVICT_HINTS", False)
     monkeypatch.setattr(nc, "STATS_CFG", (32, 1))
     monkeypatch.setattr(nc, "SPLIT_TILE", (4, 32, 1))
     monkeypatch.setattr(nc, "SPLIT_PROGRAMS_PER_SM", 4)
@@ -110,7 +113,7 @@ def shrink_wide_bwd(monkeypatch, variant):
     monkeypatch.setattr(nc, "CHAIN_WARPS", 1)
 
 
-@pytest.mark.parametrize("variant", ["split", "chain"])
+@pytest.mark.parametrize("variant", ["split", "chain", "chain-plain"])
 def test_layer_norm_wide_bwd_variants(device, monkeypatch, variant):
     """The "split" and "chain" wide-row backwards (dx with dweight / dbias from column tiles):
     row counts not divisible by the tile / chunk, N not by the column block, padded rows,

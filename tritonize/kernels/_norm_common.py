@@ -63,23 +63,33 @@ BWD_PROGRAMS_PER_SM = None
 
 # Backward of rows wider than BWD_FUSED_MAX that also needs dweight / dbias: "loop", "split" or
 # "chain" (module docstring; traffic per variant above `wide_backward`). "loop" with
-# DX_FUSED_MAX = 32768 is the single-pass dx (whole row in registers, spilling to L1) variant.
-WIDE_BWD = "loop"
+# DX_FUSED_MAX = 32768 is the single-pass dx variant (whole row in registers): timed on the H100
+# at 4096x32768 bf16 it spills far more than the forward does: 1.07 ms (RMS) / 1.28 ms (LN)
+# against 0.495 / 0.516 for the two-pass default. First H100 timings of the others (before
+# the prefetch option and the dx store hint): split 0.47-0.48 ms (RMS) / 0.48 (LN): 5 units
+# at ~2.7 TB/s; chain 0.41-0.43 (RMS) / 0.45-0.46 (LN) at CHAIN_WARPS=4; ncu: the chain's
+# re-reads hit L2 about half the time at CHAIN_ROWS=64, and its warps are 24% active.
+# Default "chain": the fastest on the H100 at both norms (RMS 0.41 vs 0.495 ms, LN 0.454 vs 0.516).
+WIDE_BWD = "chain"
 # (chunk width, warps) of the per-row sums pass of "split" (one row per program, looped).
 STATS_CFG = (4096, 8)
 # (BLOCK_M, BLOCK_N, warps) of "split"'s tile kernel, and its programs per SM (grid = column
 # blocks x row groups; each program strides over the rows of its group, accumulating partials).
-SPLIT_TILE = (4, 1024, 8)
+SPLIT_TILE = (2, 2048, 8)
 SPLIT_PROGRAMS_PER_SM = 4
 # "chain": rows per chunk (one dweight/dbias partial row per chunk), how many chunks the tile
 # programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the warps of the launch
-# (the stats programs take STATS_CFG's chunk width), and L2 eviction hints (the stats pass
-# loads with evict_last, the tile pass re-loads with evict_first).
-CHAIN_ROWS = 64
-CHAIN_LAG = 1
-CHAIN_TILE = (4, 1024)
-CHAIN_WARPS = 8
+# (the stats programs take STATS_CFG's chunk width), L2 eviction hints (the stats pass loads
+# with evict_last, the tile pass re-loads and stores dx with evict_first), and software
+# prefetch (each program loads its next chunk / tile before the current one's math). Values:
+# the best of a grid timed on an H100 (4 warps beat 8 everywhere) and on an H200 (prefetch
+# off beat on for LayerNorm); to be confirmed by `bench_rowwise --sweep-wide` on the H100.
+CHAIN_ROWS = 32
+CHAIN_LAG = 2
+CHAIN_TILE = (2, 2048)
+CHAIN_WARPS = 4
 CHAIN_EVICT_HINTS = True
+CHAIN_PREFETCH = False
 
 
 @triton.jit
@@ -161,8 +171,8 @@ def _norm_dwdb_kernel(
 
 
 @triton.jit
-def _load_f32(ptr, mask, HINT: tl.constexpr):
-    """tl.load(ptr, mask, other=0) as fp32, with an L2 eviction hint (0: none, 1: evict_last,
+def _load_hint(ptr, mask, HINT: tl.constexpr):
+    """tl.load(ptr, mask, other=0) with an L2 eviction hint (0: none, 1: evict_last,
     2: evict_first). Literal policies in constexpr branches: long-standing Triton API only."""
     if HINT == 1:
         v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last")
@@ -170,23 +180,47 @@ def _load_f32(ptr, mask, HINT: tl.constexpr):
         v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
     else:
         v = tl.load(ptr, mask=mask, other=0.0)
-    return v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _load_tile(X, DY, rows, cols, col_ok, row_end, stride_x, stride_dy, HINT: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tiles of x and dy at rows x cols (rows >= row_end masked), in
+    their own dtypes (a prefetched tile costs half the registers of an fp32 one)."""
+    m = (rows < row_end)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = _load_hint(X + rows64[:, None] * stride_x + cols[None, :], m, HINT)
+    dy = _load_hint(DY + rows64[:, None] * stride_dy + cols[None, :], m, HINT)
+    return x, dy
 
 
 @triton.jit
 def _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy,
-                    HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HINT: tl.constexpr, BLOCK: tl.constexpr):
-    """STATS[row] = (c1, c2) (RMSNorm: c1 only) of one row (int64 `row`), looping over BLOCK chunks."""
+                    HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HINT: tl.constexpr, PREFETCH: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """STATS[row] = (c1, c2) (RMSNorm: c1 only) of one row (int64 `row`), looping over BLOCK
+    chunks. PREFETCH: chunk c + 1 is loaded before chunk c's math (two chunks' loads in flight:
+    Triton does not pipeline plain loads by itself)."""
     rstd = tl.load(RSTD + row)
     if HAS_MEAN:
         mean = tl.load(MEAN + row)
     a1 = tl.zeros((BLOCK,), dtype=tl.float32)
     a2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    if PREFETCH:
+        cols = tl.arange(0, BLOCK)
+        x_next = _load_hint(X + row * stride_x + cols, cols < N, HINT)
+        g_next = _load_hint(DY + row * stride_dy + cols, cols < N, HINT)
     for c0 in range(0, N, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         cm = cols < N
-        x = _load_f32(X + row * stride_x + cols, cm, HINT)
-        g = _load_f32(DY + row * stride_dy + cols, cm, HINT)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            g = g_next.to(tl.float32)
+            x_next = _load_hint(X + row * stride_x + BLOCK + cols, cols + BLOCK < N, HINT)
+            g_next = _load_hint(DY + row * stride_dy + BLOCK + cols, cols + BLOCK < N, HINT)
+        else:
+            x = _load_hint(X + row * stride_x + cols, cm, HINT).to(tl.float32)
+            g = _load_hint(DY + row * stride_dy + cols, cm, HINT).to(tl.float32)
         if HAS_WEIGHT:
             g = g * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
         # g is 0 outside the row, so padded lanes add nothing to either sum
@@ -203,17 +237,18 @@ def _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy,
 
 
 @triton.jit
-def _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x, stride_dy, stride_ds,
+def _tile_dx(x, dy, X, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_ds,
              HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, ROUND_XHAT: tl.constexpr,
-             HINT: tl.constexpr, VOLATILE_STATS: tl.constexpr):
-    """dx of a (BLOCK_M, BLOCK_N) tile from its rows' STATS; returns (dy, xhat) as fp32 for the
-    caller's dw/db accumulators (dy is 0 outside the tile's mask, so dy and dy * xhat add nothing
-    there). `w`: the tile's weight columns, fp32 (unused without HAS_WEIGHT)."""
+             STORE_HINT: tl.constexpr, VOLATILE_STATS: tl.constexpr):
+    """dx of a (BLOCK_M, BLOCK_N) tile (x, dy: from _load_tile) from its rows' STATS; returns
+    (dy, xhat) as fp32 for the caller's dw/db accumulators (dy is 0 outside the tile's mask, so
+    dy and dy * xhat add nothing there). `w`: the tile's weight columns, fp32 (unused without
+    HAS_WEIGHT). STORE_HINT 2: dx stored evict_first."""
     row_ok = rows < M
     m = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
-    x = _load_f32(X + rows64[:, None] * stride_x + cols[None, :], m, HINT)
-    dy = _load_f32(DY + rows64[:, None] * stride_dy + cols[None, :], m, HINT)
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     if HAS_WEIGHT:
         g = dy * w[None, :]
@@ -239,7 +274,11 @@ def _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stri
         dx = (g - xhat * c1[:, None]) * rstd[:, None]
     if HAS_DS:
         dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    if STORE_HINT == 2:  # "chain": dx is not read again; keep L2 for the x, dy re-reads
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=m,
+                 eviction_policy="evict_first")
+    else:
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
     if ROUND_XHAT:  # RMSNorm (HF): dweight multiplies the normalised value rounded to x's dtype
         xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
     return dy, xhat
@@ -263,7 +302,7 @@ def _norm_bwd_stats_kernel(
 ):
     # "split", step 1: one row per program (grid = M); reads x and dy once, writes 4-8 bytes.
     row = tl.program_id(0).to(tl.int64)
-    _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy, HAS_MEAN, HAS_WEIGHT, 0, BLOCK)
+    _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy, HAS_MEAN, HAS_WEIGHT, 0, False, BLOCK)
 
 
 @fast_launch
@@ -308,8 +347,9 @@ def _norm_bwd_tiles_kernel(
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(pid_g * BLOCK_M, M, G * BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        dy, xhat = _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x, stride_dy,
-                            stride_ds, HAS_MEAN, HAS_WEIGHT, HAS_DS, ROUND_XHAT, 0, False)
+        x, dy = _load_tile(X, DY, rows, cols, col_ok, M, stride_x, stride_dy, 0)
+        dy, xhat = _tile_dx(x, dy, X, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_ds, HAS_MEAN,
+                            HAS_WEIGHT, HAS_DS, ROUND_XHAT, 0, False)
         if COMPUTE_DW:
             acc_w += dy * xhat  # dy is 0 outside the mask, so padded lanes add nothing
         if COMPUTE_DB:
@@ -349,8 +389,9 @@ def _norm_bwd_chain_kernel(
     COMPUTE_DB: tl.constexpr,
     CHUNK_ROWS: tl.constexpr,  # rows per chunk, a multiple of BLOCK_M
     LAG: tl.constexpr,  # chunks by which the tile programs trail the stats programs (>= 1)
-    LOAD_HINT: tl.constexpr,  # _load_f32 hints of the stats loads (1: evict_last) and of the
-    RELOAD_HINT: tl.constexpr,  # tiles' re-loads (2: evict_first); 0: none
+    LOAD_HINT: tl.constexpr,  # _load_hint hints of the stats loads (1: evict_last) and of the
+    RELOAD_HINT: tl.constexpr,  # tiles' re-loads and dx stores (2: evict_first); 0: none
+    PREFETCH: tl.constexpr,  # both roles load their next chunk / tile before the current one's math
     STAT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -364,9 +405,12 @@ def _norm_bwd_chain_kernel(
     #                    dx for its (CHUNK_ROWS, BLOCK_N) slab and that slab's partial dw/db.
     # A tile program only waits on programs with smaller tickets, which have all started already
     # and never wait themselves: no deadlock, whatever the hardware's block scheduling order (the
-    # scheme of CUB's single-pass scan). Between a row's stats read and its tiles' re-read,
-    # ~LAG chunks of x and dy (LAG * CHUNK_ROWS * N * 4 bytes in bf16: 8 MB at 64 x 32768) pass
-    # through L2 (50 MB on the H100), so the re-read should mostly hit L2.
+    # scheme of CUB's single-pass scan). Between a row's stats read and its tiles' re-read, the
+    # x and dy of about (resident programs / (CHUNK_ROWS + n_col_blocks) + LAG) chunks pass
+    # through L2 (CHUNK_ROWS * N * 4 bytes each in bf16: 4 MB at 32 x 32768; L2 is 50 MB on the
+    # H100), plus their dx writes (hence the eviction hints): small chunks keep that reuse
+    # distance short, at the price of more partial rows. ncu on the H100 at CHUNK_ROWS=64, 8
+    # warps: 832 MB read from DRAM for 512 MB of x, dy (about half the re-reads missed L2).
     v = tl.atomic_add(SYNC + n_chunks, 1)
     per_step = CHUNK_ROWS + n_col_blocks
     step = v // per_step
@@ -376,7 +420,7 @@ def _norm_bwd_chain_kernel(
             row = step.to(tl.int64) * CHUNK_ROWS + r
             if row < M:
                 _row_grad_stats(X, W, DY, MEAN, RSTD, STATS, row, N, stride_x, stride_dy, HAS_MEAN, HAS_WEIGHT,
-                                LOAD_HINT, STAT_BLOCK)
+                                LOAD_HINT, PREFETCH, STAT_BLOCK)
             # every thread's STATS store is done before the count goes up (the atomic's release
             # order then publishes them to the tile programs)
             tl.debug_barrier()
@@ -396,11 +440,22 @@ def _norm_bwd_chain_kernel(
                 w = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused
             acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            row0 = chunk * CHUNK_ROWS
+            row_end = tl.minimum(M, row0 + CHUNK_ROWS)  # no prefetch past the chunk
+            if PREFETCH:
+                x_next, dy_next = _load_tile(X, DY, row0 + tl.arange(0, BLOCK_M), cols, col_ok, row_end, stride_x,
+                                             stride_dy, RELOAD_HINT)
             for i in range(0, CHUNK_ROWS, BLOCK_M):
-                rows = chunk * CHUNK_ROWS + i + tl.arange(0, BLOCK_M)
-                dy, xhat = _tile_dx(X, DY, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_x,
-                                    stride_dy, stride_ds, HAS_MEAN, HAS_WEIGHT, HAS_DS, ROUND_XHAT,
-                                    RELOAD_HINT, True)
+                rows = row0 + i + tl.arange(0, BLOCK_M)
+                if PREFETCH:
+                    x = x_next
+                    dy = dy_next
+                    x_next, dy_next = _load_tile(X, DY, rows + BLOCK_M, cols, col_ok, row_end, stride_x, stride_dy,
+                                                 RELOAD_HINT)
+                else:
+                    x, dy = _load_tile(X, DY, rows, cols, col_ok, row_end, stride_x, stride_dy, RELOAD_HINT)
+                dy, xhat = _tile_dx(x, dy, X, DS, MEAN, RSTD, STATS, DX, w, rows, cols, col_ok, M, N, stride_ds,
+                                    HAS_MEAN, HAS_WEIGHT, HAS_DS, ROUND_XHAT, RELOAD_HINT, True)
                 if COMPUTE_DW:
                     acc_w += dy * xhat
                 if COMPUTE_DB:
@@ -569,8 +624,9 @@ def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw: bool,
 #   "split":  stats 2 (x, dy) + tiles 3 (x, dy, dx) + partials 2*G*K*N*4 bytes (G ~ 17 at
 #             N = 32768: ~0.02)                                                            = 5
 #   "chain":  stats 2 from DRAM + tiles 1 (dx) + re-read of x, dy from L2 (0 from DRAM when it
-#             hits) + partials 2*(M/CHUNK_ROWS)*K*N*4 bytes (8K/CHUNK_ROWS units: 0.25 at 64
-#             rows with K = 2, 0.125 for RMSNorm)                                           ~ 3.1-3.3
+#             hits) + partials 2*(M/CHUNK_ROWS)*K*N*4 bytes (4K/CHUNK_ROWS units: 0.25 at 32
+#             rows with K = 2, 0.125 for RMSNorm)                                  ~ 3.1-3.3 (ideal)
+#             (measured at CHUNK_ROWS=64: 3.25 read + 1 written, half the re-reads missing L2)
 # plus 4-8 bytes per row of STATS, written once and read once per column block (L2).
 def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_dy, stride_ds,
                   compute_dw: bool, compute_db: bool, *, round_xhat: bool, variant: str | None = None):
@@ -621,7 +677,7 @@ def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_d
         _norm_bwd_chain_kernel[(grid,)](
             x2, w, dy2, ds_, mean_, rstd, stats, sync, dx, part, m, n, stride_x, stride_dy, stride_ds,
             n_chunks, col_blocks, **common, CHUNK_ROWS=rows, LAG=lag, LOAD_HINT=1 if CHAIN_EVICT_HINTS else 0,
-            RELOAD_HINT=2 if CHAIN_EVICT_HINTS else 0,
+            RELOAD_HINT=2 if CHAIN_EVICT_HINTS else 0, PREFETCH=CHAIN_PREFETCH,
             STAT_BLOCK=stat_block, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=CHAIN_WARPS,
         )  # fmt: skip
         return part

@@ -330,8 +330,8 @@ def wide_bwd_variants(n):
         label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "SPLIT_* defaults"
         out.append((f"split {label}{tag}", dict(force, WIDE_BWD="split", **knobs), None))
     # "chain": one launch, tiles re-read x and dy from L2 (defaults: CHAIN_ROWS=32, CHAIN_LAG=2,
-    # CHAIN_TILE=(2, 2048), CHAIN_WARPS=4, prefetch on, eviction hints on)
-    chain = [dict(), dict(CHAIN_PREFETCH=False), dict(CHAIN_EVICT_HINTS=False), dict(CHAIN_LAG=1), dict(CHAIN_LAG=4),
+    # CHAIN_TILE=(2, 2048), CHAIN_WARPS=4, no prefetch, eviction hints on)
+    chain = [dict(), dict(CHAIN_PREFETCH=True), dict(CHAIN_EVICT_HINTS=False), dict(CHAIN_LAG=1), dict(CHAIN_LAG=4),
              dict(CHAIN_ROWS=16, CHAIN_LAG=4), dict(CHAIN_ROWS=64), dict(CHAIN_TILE=(4, 1024)),
              dict(CHAIN_TILE=(4, 1024), CHAIN_LAG=4), dict(CHAIN_TILE=(4, 1024), CHAIN_PREFETCH=True),
              dict(CHAIN_TILE=(2, 1024)), dict(CHAIN_WARPS=8), dict(STATS_CFG=(8192, 8)),

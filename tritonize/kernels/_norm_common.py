@@ -69,7 +69,10 @@ BWD_PROGRAMS_PER_SM = None
 # the prefetch option and the dx store hint): split 0.47-0.48 ms (RMS) / 0.48 (LN): 5 units
 # at ~2.7 TB/s; chain 0.41-0.43 (RMS) / 0.45-0.46 (LN) at CHAIN_WARPS=4; ncu: the chain's
 # re-reads hit L2 about half the time at CHAIN_ROWS=64, and its warps are 24% active.
-# Default "chain": the fastest on the H100 at both norms (RMS 0.41 vs 0.495 ms, LN 0.454 vs 0.516).
+# Default "chain": the fastest on the H100 at both norms (`--sweep-wide`, session 3: RMS 0.455 ms
+# vs 0.494 for "loop", LN 0.465 vs 0.512). The same sweep timed CHAIN_PREFETCH=True faster still
+# (RMS 0.415, LN 0.449; with CHAIN_TILE=(4, 1024) RMS 0.396 but LN 0.512), with correct results;
+# it stays off by default until the GPU test suite has run with it on (it was not, in session 3).
 WIDE_BWD = "chain"
 # (chunk width, warps) of the per-row sums pass of "split" (one row per program, looped).
 STATS_CFG = (4096, 8)

@@ -356,7 +356,8 @@ def plot(rows, path, title=""):
         print("# --plot skipped: no successful rows", file=sys.stderr)
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
-    colors = dict(zip(IMPLS, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd"]))
+    colors = dict(zip(IMPLS, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#17becf",
+                              "#e377c2", "#8c564b"]))
     for j, (model, shape) in enumerate(groups):
         sel = [r for r in rows if r["model"] == model and r.get("shape", "") == shape and "tok_s" in r]
         names = [r["impl"] for r in sel]

@@ -297,6 +297,17 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(dh, dw, db)
 
 
+def _first_backward(ctx, op: str) -> None:
+    """The custom ops' backward scales gradients formed in the forward, in place: a second
+    backward through the same graph would scale them twice, so it raises instead."""
+    if getattr(ctx, "_used", False):
+        raise RuntimeError(
+            f"tritonize.{op}: backward ran twice through the same graph; the gradients are computed "
+            "in the forward and scaled in place (no retain_graph)"
+        )
+    ctx._used = True
+
+
 def _backward(ctx, grad_loss, *_unused):
     need_dh, need_dw, need_db = ctx.need
     if ctx.reduction == "none":
@@ -309,12 +320,7 @@ def _backward(ctx, grad_loss, *_unused):
         )  # fmt: skip
     else:
         dh, dw, db = ctx.saved_tensors
-        if getattr(ctx, "_used", False):
-            raise RuntimeError(
-                "tritonize.linear_cross_entropy: backward ran twice through the same graph; the "
-                "gradients are computed in the forward and scaled in place (no retain_graph)"
-            )
-        ctx._used = True
+        _first_backward(ctx, "linear_cross_entropy")
         _lce_bwd_op(dh, dw, db, grad_loss)
     return (
         dh if need_dh else None,
@@ -684,12 +690,7 @@ def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
     the custom op), plus F.linear's backward for a gradient on the returned logits."""
     hidden, weight, dh, dw, db = ctx.saved_tensors
     need_dh, need_dw, need_db = ctx.need
-    if getattr(ctx, "_used", False):
-        raise RuntimeError(
-            "tritonize.linear_cross_entropy_with_logits: backward ran twice through the same graph; the "
-            "gradients are computed in the forward and scaled in place (no retain_graph)"
-        )
-    ctx._used = True
+    _first_backward(ctx, "linear_cross_entropy_with_logits")
     if grad_loss is None:  # only the logits carry a gradient
         grad_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     _lce_bwd_op(dh, dw, db, grad_loss)

@@ -149,3 +149,20 @@ def test_symbolic_trace_path():
     gm = tritonize_fx(m, x)
     torch.testing.assert_close(gm(x), m(x))
     assert tritonize.report(gm).count("linear_act") == 1 and tritonize.report(gm).count("layer_norm") == 1
+
+
+def test_config_logging_never_raises_under_the_logger_patch(monkeypatch):
+    """torch <= 2.11 dumps Dynamo's config (with our ignore_logger_methods patch: a function) to
+    JSON at each compile and logged an ERROR when that raised: the dump now yields None instead."""
+    import torch._dynamo.utils as dutils
+
+    from tritonize.fuser import api
+
+    def raising():
+        raise TypeError("Object of type _lru_cache_wrapper is not JSON serializable")
+
+    monkeypatch.setattr(dutils, "_get_dynamo_config_for_logging", raising)
+    api._json_safe_config_logging()
+    assert dutils._get_dynamo_config_for_logging() is None
+    api._json_safe_config_logging()  # idempotent: wraps once
+    assert dutils._get_dynamo_config_for_logging.__closure__[0].cell_contents is raising

@@ -128,7 +128,30 @@ def _quiet_loggers():
     current = set(getattr(dcfg, name))
     if once <= current:
         return contextlib.nullcontext()
+    _json_safe_config_logging()
     return dcfg.patch(**{name: current | once})
+
+
+def _json_safe_config_logging() -> None:
+    """Dynamo logs its config as JSON with every compile's metrics. torch <= 2.11 does not leave
+    `ignore_logger_methods` out of that dump, and a function in it is not JSON: every compile
+    under our patch then logged an ERROR traceback ("Object of type _lru_cache_wrapper is not JSON
+    serializable", seen on the H100 machine). The dump is metrics only; it becomes None (a value
+    it may take) instead of raising. torch >= 2.13 leaves the set out, and nothing changes there."""
+    import torch._dynamo.utils as dutils
+
+    fn = getattr(dutils, "_get_dynamo_config_for_logging", None)
+    if fn is None or getattr(fn, "_tritonize_json_safe", False):
+        return
+
+    def safe():
+        try:
+            return fn()
+        except (TypeError, ValueError):
+            return None
+
+    safe._tritonize_json_safe = True
+    dutils._get_dynamo_config_for_logging = safe
 
 
 def _break_reasons(counters, before=None) -> list[str]:

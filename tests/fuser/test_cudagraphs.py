@@ -78,7 +78,8 @@ def test_aot_path_numerics_on_cpu(monkeypatch):
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     notes = report(m).cudagraphs
-    assert notes and all(n.endswith("CUDA graphs on") for n in notes), notes
+    # forced on CPU: our check said yes, torch's own check declines (cpu device) and says so
+    assert notes and all("torch declined" in n and "cpu" in n for n in notes), notes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -103,8 +103,8 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         graphs = False
         if cudagraphs:
             why = cudagraph_blocker(gm)
-            report.add_cudagraph_note(f"graph {report.captures - 1}: " + (
-                "CUDA graphs on" if why is None else f"no CUDA graphs: {why}"))
+            tag = f"graph {report.captures - 1}: "
+            report.add_cudagraph_note(tag + ("CUDA graphs on" if why is None else f"no CUDA graphs: {why}"))
             graphs = why is None
         if rest == "inductor":
             from torch._inductor.compile_fx import compile_fx
@@ -113,7 +113,8 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
             patches = {"triton.cudagraphs": True} if graphs else {}
             return compile_fx(gm, example_inputs, config_patches=patches)
         if graphs:
-            return cudagraphed(gm, example_inputs)
+            return cudagraphed(gm, example_inputs, declined=lambda why: report.set_cudagraph_note(
+                tag, f"{tag}no CUDA graphs: torch declined ({why})"))
         return gm.forward
 
     return tritonize_compiler
@@ -125,8 +126,8 @@ def cudagraph_blocker(gm: fx.GraphModule) -> str | None:
     A CUDA graph replays the recorded kernels only: anything the graph does on the CPU is frozen
     at its recorded value. Our dropout seeds are drawn in the graph on the CPU (a fresh mask each
     step), so a graph with one must run uncaptured, as must any graph with CPU tensors or off-GPU
-    inputs. torch's own checks (input mutation, incompatible ops) may still decline a graph;
-    TORCH_LOGS=perf_hints says why.
+    inputs. torch's own checks (input mutation, incompatible ops) may still decline a graph's
+    forward: the report's note then says so (`cudagraphed`'s `declined`).
     """
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.randint and \
@@ -149,7 +150,7 @@ def cudagraph_blocker(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def cudagraphed(gm: fx.GraphModule, example_inputs):
+def cudagraphed(gm: fx.GraphModule, example_inputs, declined=None):
     """The rewritten graph through torch's "cudagraphs" backend design: AOTAutograd splits it into a
     forward and a backward graph (our ops enter as custom ops with their registered autograd), and
     each is recorded once per input shape and replayed by CUDA graph trees. A replay costs one host
@@ -160,7 +161,8 @@ def cudagraphed(gm: fx.GraphModule, example_inputs):
     makes the tree re-record). torch's backend counts only AOT-lifted inputs as static, and with
     Dynamo's inlined modules no parameter is lifted, so every replay copied every parameter into
     the graph's buffers (2.3 ms per Llama step on the H100). Falls back to torch's backend when
-    these internals are not there."""
+    these internals are not there. `declined(why)` is called when torch's own checks skip the
+    forward graph (input mutation, an incompatible op): it then runs uncaptured."""
     try:
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.cudagraphs import (
@@ -195,6 +197,8 @@ def cudagraphed(gm: fx.GraphModule, example_inputs):
         if skip := check_for_skip(aot_model, fixed):
             BoxedBool.disable(do_cudagraphs)
             log_cudagraph_skip_and_bump_counter(f"skipping cudagraphs due to {skip}")
+            if declined is not None:
+                declined(str(skip).splitlines()[0])
             return boxed_nop(aot_model, aot_inputs)
         device_index.set(get_device_index(aot_model))
         static = sorted(set(get_static_input_idxs(fixed)) | set(range(fixed)))

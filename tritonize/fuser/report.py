@@ -109,6 +109,15 @@ class Report:
         with self._lock:
             self.cudagraphs.append(note)
 
+    def set_cudagraph_note(self, prefix: str, note: str) -> None:
+        """Replace the last note starting with `prefix` (a graph torch declined after our check)."""
+        with self._lock:
+            for i in range(len(self.cudagraphs) - 1, -1, -1):
+                if self.cudagraphs[i].startswith(prefix):
+                    self.cudagraphs[i] = note
+                    return
+            self.cudagraphs.append(note)
+
     def clear(self) -> None:
         with self._lock:
             self.sites.clear()

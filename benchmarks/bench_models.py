@@ -17,6 +17,8 @@ Rows (implementations), in this order in the table:
   tritonize+inductor+cudagraphs  tritonize(model, rest="inductor", cudagraphs=True)
   compile+cudagraphs  torch.compile(model, mode="reduce-overhead"): torch.compile with CUDA graphs,
                     the like-for-like row for the two above
+  tritonize+drop_logits  tritonize(model, drop_logits=True): training returns empty logits, as
+                    Liger's patched forward does (the like-for-like row for Liger's memory)
 
 Models:
   gpt2   GPT-2 124M, training, B8 T1024
@@ -63,10 +65,11 @@ import tempfile
 import time
 
 IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)",
-         "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs"]
+         "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs", "tritonize+drop_logits"]
 # Process order: Liger last (global class patching; also isolated by its own subprocess).
 RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+cudagraphs", "compile+cudagraphs",
-             "tritonize+inductor", "tritonize+inductor+cudagraphs", "compile(tritonize)", "liger"]
+             "tritonize+inductor", "tritonize+inductor+cudagraphs", "compile(tritonize)", "tritonize+drop_logits",
+             "liger"]
 # (most important rows first: if the budget runs out, what is skipped is the end of the list)
 MODELS = ["gpt2", "llama", "bert"]
 
@@ -206,6 +209,10 @@ def worker(name: str, impl: str, quick: bool) -> None:
         from tritonize import tritonize
 
         runner = tritonize(model, rest="inductor", cudagraphs=True)
+    elif impl == "tritonize+drop_logits":
+        from tritonize import tritonize
+
+        runner = tritonize(model, drop_logits=True)
     elif impl == "compile+cudagraphs":
         runner = torch.compile(model, mode="reduce-overhead")
     elif impl in ("eager", "liger"):
@@ -357,7 +364,7 @@ def plot(rows, path, title=""):
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
     colors = dict(zip(IMPLS, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#17becf",
-                              "#e377c2", "#8c564b"]))
+                              "#e377c2", "#8c564b", "#bcbd22"]))
     for j, (model, shape) in enumerate(groups):
         sel = [r for r in rows if r["model"] == model and r.get("shape", "") == shape and "tok_s" in r]
         names = [r["impl"] for r in sel]

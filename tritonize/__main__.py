@@ -19,7 +19,7 @@ import os
 import runpy
 import sys
 
-USAGE = "python -m tritonize [--rest eager|inductor] [--cudagraphs] [--strict] [--report] [--no-summary] (script.py | -m module) [args ...]"
+USAGE = "python -m tritonize [--rest eager|inductor] [--cudagraphs] [--drop-logits] [--strict] [--report] [--no-summary] (script.py | -m module) [args ...]"
 
 
 def _parse(argv: list[str]):
@@ -33,6 +33,8 @@ def _parse(argv: list[str]):
                    help="how the unfused rest of each graph runs (default: tritonize's default, eager)")
     p.add_argument("--cudagraphs", action="store_true",
                    help="replay each rewritten graph as a CUDA graph (see tritonize(cudagraphs=True))")
+    p.add_argument("--drop-logits", action="store_true",
+                   help="training with labels: return empty logits, as Liger does (see tritonize(drop_logits=True))")
     p.add_argument("--strict", action="store_true", help="raise where a model cannot be captured")
     p.add_argument("--report", action="store_true", help="print each model's full report at exit")
     p.add_argument("--no-summary", action="store_true", help="print nothing at exit")
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         options["strict"] = True
     if args.cudagraphs:
         options["cudagraphs"] = True
+    if args.drop_logits:
+        options["drop_logits"] = True
     active = launcher.install(**options)
     if not active:
         print("tritonize: disabled (TRITONIZE=0); running the script unchanged", file=sys.stderr, flush=True)

@@ -89,6 +89,34 @@ def test_returned_logits_still_fuse_the_loss():
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_drop_logits_in_training_keeps_them_in_eval():
+    """tritonize(drop_logits=True): in training mode the returned logits are an empty tensor (the
+    loss and every gradient unchanged); in eval mode the same model returns full logits (the entry
+    guards on model.training, so the training graph is not reused)."""
+    model = LMHead(True).to(DEVICE)
+    ref = copy.deepcopy(model)
+    tritonize(model, drop_logits=True)
+    h, labels = torch.randn(2, 5, 16, device=DEVICE), torch.randint(0, V, (2, 5), device=DEVICE)
+    labels[1, 3] = -100
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (la, za), (lb, zb) = model(ha, labels), ref(hb, labels)
+    assert za.numel() == 0 and zb.shape == (2, 5, V)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ha.grad, hb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    assert "logits dropped" in str(tritonize.report(model))
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        (le, ze), (lr, zr) = model(h, labels), ref(h, labels)
+    torch.testing.assert_close(ze, zr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(le, lr, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="drop_logits"):
+        tritonize(LMHead(True), drop_logits="yes")
+
+
 def test_class_weights_declined():
     class Weighted(nn.Module):
         def __init__(self):

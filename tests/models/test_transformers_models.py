@@ -163,3 +163,25 @@ def test_inductor_rest_gpt2_dropout_and_bert_padding():
     torch.testing.assert_close(out.logits, out_ref.logits, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(out.loss, out_ref.loss, atol=2e-5, rtol=2e-5)
     assert _count(tritonize.report(bert), ATTN) == 2, str(tritonize.report(bert))
+
+
+def test_llama_drop_logits_in_training():
+    """tritonize(drop_logits=True) on an HF causal LM with labels: training returns an empty
+    logits tensor with the same loss and gradients as eager; eval returns the logits."""
+    model = _llama("sdpa")[0].to(DEVICE)
+    ref = copy.deepcopy(model)
+    model.train()
+    ref.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), device=DEVICE)
+    tritonize(model, drop_logits=True)
+    out, want = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert out.logits.numel() == 0 and want.logits.shape[-1] == model.config.vocab_size
+    out.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -159,11 +159,20 @@ def _break_reasons(counters, before=None) -> list[str]:
     return [str(k) for k, v in counters["graph_break"].items() if v != before.get(k, 0)]
 
 
-def _entry_for(model, tag: int):
-    """A fresh function with its own code object that calls `model._call_impl`."""
+def _entry_for(model, tag: int, guard_training: bool = False):
+    """A fresh function with its own code object that calls `model._call_impl`. With
+    `guard_training`, it branches on `model.training`, so Dynamo guards on the flag even for a
+    model whose forward never reads it (what drop_logits decides at capture must not outlive a
+    switch between train() and eval())."""
 
-    def _tritonize_entry(*args, **kwargs):
-        return model._call_impl(*args, **kwargs)
+    if guard_training:
+        def _tritonize_entry(*args, **kwargs):
+            if model.training:
+                return model._call_impl(*args, **kwargs)
+            return model._call_impl(*args, **kwargs)
+    else:
+        def _tritonize_entry(*args, **kwargs):
+            return model._call_impl(*args, **kwargs)
 
     code = _tritonize_entry.__code__.replace(co_name=f"_tritonize_entry_{tag}")
     return types.FunctionType(code, _tritonize_entry.__globals__, code.co_name, None, _tritonize_entry.__closure__)
@@ -173,7 +182,7 @@ _counter = [0]
 
 
 def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager", strict: bool = False,
-              dynamic: bool | None = None, cudagraphs: bool = False):
+              dynamic: bool | None = None, cudagraphs: bool = False, drop_logits: bool = False):
     """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
 
     patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
@@ -185,21 +194,34 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     instead of one per op. Opt-in, as in torch.compile: a replay overwrites the previous call's
     outputs, so keep `.clone()`s of outputs you hold across calls (torch raises if you read an
     overwritten one); a graph drawing dropout seeds on the CPU, or off the GPU, runs uncaptured
-    and the report's `cudagraphs` lines say why.
+    and the report's `cudagraphs` lines say why;
+    drop_logits: in training mode, when the model computes its loss from its LM head (HF causal
+    LMs called with labels=), return an EMPTY logits tensor instead of the (tokens, vocab) matrix,
+    as Liger-Kernel does by default (its `logits` is None then): the 2 GB of a 128k-vocabulary
+    batch are never written. Opt-in, because code that reads `out.logits` in training then gets
+    an empty tensor (an error at first use, not wrong values); eval mode keeps the logits.
     Tritonizing an already tritonized model is a no-op (untritonize first to change options).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tritonize: expected an nn.Module, got {type(model).__name__}")
     if model.__dict__.get(_STATE) is not None:
         return model
-    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs)
+    if not isinstance(drop_logits, bool):
+        raise TypeError(f"tritonize: drop_logits must be True or False, got {drop_logits!r}")
+    options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs,
+                   drop_logits=drop_logits)
     report = Report(type(model).__name__)
     ref = weakref.ref(model)
     report.set_module_names(lambda: [n for n, _ in ref().named_modules()] if ref() is not None else [])
-    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict, cudagraphs=cudagraphs)
+    # Dynamo guards on the module's training flag, so a graph captured in training mode only runs
+    # in training mode: reading the flag at capture time is enough.
+    in_training = (lambda: ref() is not None and ref().training) if drop_logits else None
+    backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict, cudagraphs=cudagraphs,
+                           drop_logits=in_training)
     state = _State(model, report, options)
     _counter[0] += 1
-    state.compiled = torch.compile(_entry_for(model, _counter[0]), backend=backend, dynamic=dynamic)
+    state.compiled = torch.compile(_entry_for(model, _counter[0], guard_training=drop_logits), backend=backend,
+                                   dynamic=dynamic)
     model.__dict__[_STATE] = state
     model._compiled_call_impl = _TritonizedCall(model, state)
     return model

@@ -70,20 +70,23 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True) -> fx.GraphModule:
+def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True, options=None) -> fx.GraphModule:
     """normalize + rewrite `gm` in place; returns it."""
     capture = report.new_capture()
     if debug_enabled():
         _log_graph(f"graph {capture} before", gm)
     normalize(gm, has_meta=has_meta)
-    rewrite(gm, patterns, report, capture)
+    rewrite(gm, patterns, report, capture, options)
     if debug_enabled():
         _log_graph(f"graph {capture} after", gm)
     return gm
 
 
-def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False):
-    """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`."""
+def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False,
+                 drop_logits=None):
+    """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
+    drop_logits: None, or a callable telling at capture time whether returned LM-head logits may
+    be dropped (tritonize(drop_logits=True) passes "the model is in training mode")."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
     if not isinstance(cudagraphs, bool):
@@ -93,7 +96,7 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)
         try:
-            transform(gm, report, pats)
+            transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits())})
         except Exception as e:  # a bug in the pass must not break the user's model
             if strict:
                 raise

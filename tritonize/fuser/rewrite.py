@@ -73,8 +73,10 @@ def site_name(nodes) -> str:
     return ".".join(common) or "<root>"
 
 
-def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture: int = 0) -> int:
-    """Apply `patterns` to `gm` in place; returns the number of sites fused."""
+def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture: int = 0,
+            options: dict | None = None) -> int:
+    """Apply `patterns` to `gm` in place; returns the number of sites fused. `options`: what the
+    user asked of the rewrite (e.g. {"drop_logits": True}), read by patterns as `m.options`."""
     graph = gm.graph
     consumed: set[fx.Node] = set()
     replaced: dict[fx.Node, object] = {}
@@ -100,6 +102,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                         bind[pnames[pn]] = gn
                 returning = list(im.returning_nodes)
                 m = Match(pat, label, dict(flags), bind, nodes, returning, graph)
+                m.options = options or {}
                 extra = set(returning[1:])
                 m.site = site_name(pat.site_nodes(m) or [n for n in nodes if n not in extra] or nodes)
                 anchor_key = (pat.name, returning[-1])

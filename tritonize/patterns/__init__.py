@@ -139,6 +139,7 @@ class Match:
         self.graph = graph
         self.site = ""
         self.note = ""
+        self.options = {}  # the rewrite's options (tritonize(..., drop_logits=...))
 
     def __getitem__(self, name):
         return self.bind[name]

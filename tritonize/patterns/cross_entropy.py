@@ -224,6 +224,14 @@ class LinearCrossEntropy(Pattern):
 
         lv, hv0 = val(lin), m.val("h")
         same_dtype = lv is not None and hv0 is not None and lv.dtype == hv0.dtype  # not under autocast
+        if outside and m.options.get("drop_logits") and all(u.op == "output" for u in outside):
+            # tritonize(drop_logits=True), training mode, logits only returned (as Liger in
+            # training): the graph returns an empty tensor in their place, nothing (N, V) is written
+            empty = m.method("new_empty", h, (0,))
+            for u in outside:
+                u.replace_input_with(lin, empty)
+            m.note = "logits dropped (drop_logits=True): an empty tensor is returned in their place"
+            outside = []
         if outside and same_dtype and all(order[u] > order[first_ret] for u in outside) \
                 and m["red"] in ("mean", "sum"):
             # The logits are returned too: one fused call writes them and forms the loss, so the

@@ -627,7 +627,8 @@ _linear_cross_entropy_logits_fn = fast_apply(_LinearCrossEntropyLogitsFn)
 # The same one-pass form as a custom op, for graphs that AOTAutograd traces (rest="inductor",
 # cudagraphs=True, torch.compile(backend="tritonize")): without it those graphs took the composed
 # form, a second matmul over the vocabulary plus the lean path's small chunks (on the 12-layer
-# Llama of bench_models: ~7 ms more GPU time per step than the eager path).
+# Llama of bench_models, H100: 31 dW accumulations of 281 us per step; with this op and static
+# parameters the CUDA-graphed step's GPU time went from 64.8 to 52.4 ms).
 
 
 @torch.library.custom_op("tritonize::linear_cross_entropy_logits_fwd", mutates_args=())

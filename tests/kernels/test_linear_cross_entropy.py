@@ -274,3 +274,20 @@ def test_with_logits_only_loss_used_and_chunks(device):
         l2, z2 = linear_cross_entropy_with_logits(h, w, t, b)
     torch.testing.assert_close(l2, F.cross_entropy(F.linear(h, w, b), t), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(z2, F.linear(h, w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_second_backward_raises(device):
+    """The gradients are formed in the forward and scaled in place by the backward: a second
+    backward through the same graph (retain_graph) must raise, on every path, not double-scale."""
+    from tritonize.kernels import linear_cross_entropy_with_logits
+
+    h = torch.randn(6, H, device=device, requires_grad=True)
+    w = torch.randn(40, H, device=device, requires_grad=True)
+    t = torch.randint(0, 40, (6,), device=device)
+    for fn in (lambda: linear_cross_entropy(h, w, t), lambda: linear_cross_entropy_with_logits(h, w, t)[0],
+               lambda: _custom_op_with_logits(h, w, t, None, "mean")[0]):
+        loss = fn()
+        loss.backward(retain_graph=True)
+        # (custom op: autograd's own saved-tensor version check fires first, also an error)
+        with pytest.raises(RuntimeError, match="backward ran twice|modified by an inplace operation"):
+            loss.backward()

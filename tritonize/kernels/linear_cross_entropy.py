@@ -297,15 +297,29 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(dh, dw, db)
 
 
+def _ran_twice(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"tritonize.{op}: backward ran twice through the same graph; the gradients are computed "
+        "in the forward and scaled in place (no retain_graph)"
+    )
+
+
 def _first_backward(ctx, op: str) -> None:
     """The custom ops' backward scales gradients formed in the forward, in place: a second
     backward through the same graph would scale them twice, so it raises instead."""
     if getattr(ctx, "_used", False):
-        raise RuntimeError(
-            f"tritonize.{op}: backward ran twice through the same graph; the gradients are computed "
-            "in the forward and scaled in place (no retain_graph)"
-        )
+        raise _ran_twice(op)
     ctx._used = True
+
+
+def _take_grads(ctx, op: str):
+    """The eager Functions' (dh, dW, db), formed in the forward: handed out once (the backward
+    scales them in place), then dropped; a second backward raises."""
+    grads = getattr(ctx, "grads", None)
+    if grads is None:
+        raise _ran_twice(op)
+    ctx.grads = None
+    return grads
 
 
 def _backward(ctx, grad_loss, *_unused):
@@ -377,14 +391,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             )  # fmt: skip
             dh = None if dh is None else dh.view(hidden.shape)
         else:
-            grads = getattr(ctx, "grads", None)
-            if grads is None:
-                raise RuntimeError(
-                    "tritonize.linear_cross_entropy: backward ran twice through the same graph; the "
-                    "gradients are computed in the forward and scaled in place (no retain_graph)"
-                )
-            ctx.grads = None
-            dh, dw, db = grads
+            dh, dw, db = _take_grads(ctx, "linear_cross_entropy")
             for g in (dh, dw, db):
                 if g is not None and g.numel():
                     g2 = g if g.dim() > 1 else g.view(1, -1)
@@ -592,14 +599,7 @@ class _LinearCrossEntropyLogitsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logits):
-        grads = getattr(ctx, "grads", None)
-        if grads is None:
-            raise RuntimeError(
-                "tritonize.linear_cross_entropy_with_logits: backward ran twice through the same graph; the "
-                "gradients are computed in the forward and scaled in place (no retain_graph)"
-            )
-        ctx.grads = None
-        dh, dw, db = grads
+        dh, dw, db = _take_grads(ctx, "linear_cross_entropy_with_logits")
         if grad_loss is None:  # only the logits carry a gradient
             dh = None if dh is None else dh.zero_()
             dw = None if dw is None else dw.zero_()

@@ -728,26 +728,21 @@ def linear_cross_entropy_with_logits(
     linear_cross_entropy; gradients flow from both outputs.
     """
     T = torch.Tensor
-    fast = (
-        _tensors_ok(hidden, weight, target, bias) and (bias is None or type(bias) in _PLAIN)
-        and eager_fast_path(hidden) and _plain_weight(weight) and torch.is_grad_enabled()
+    one_pass = (
+        _tensors_ok(hidden, weight, target, bias) and torch.is_grad_enabled()
         and reduction in ("mean", "sum") and type(ignore_index) is int
         and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0
     )  # fmt: skip
-    if not fast and _tensors_ok(hidden, weight, target, bias) and torch.is_grad_enabled() \
-            and reduction in ("mean", "sum") and type(ignore_index) is int \
-            and target.numel() == hidden.numel() // max(hidden.shape[-1], 1) and target.numel() > 0:
-        # traced (AOTAutograd: fake/functional tensors) or a tensor subclass: the custom op, one pass
-        check_targets("linear_cross_entropy_with_logits", target, weight.shape[0], ignore_index)
-        need_dh, need_dw = hidden.requires_grad, weight.requires_grad
-        need_db = bias is not None and bias.requires_grad
-        loss, logits, _, _, _ = _lce_logits_fwd_op(hidden, weight, target, bias, ignore_index, reduction,
-                                                   need_dh, need_dw, need_db)
-        return loss, logits
-    if not fast:  # the composed form: checks every argument, runs under compile, fake tensors, CPU
+    if not one_pass:  # the composed form: checks every argument, runs without grad, odd reductions
         logits = torch.nn.functional.linear(hidden, weight, bias)
         h2 = hidden.reshape(-1, hidden.shape[-1]) if isinstance(hidden, T) and hidden.dim() != 2 else hidden
         t1 = target.reshape(-1) if isinstance(target, T) else target
         return linear_cross_entropy(h2, weight, t1, bias, ignore_index, reduction), logits
     check_targets("linear_cross_entropy_with_logits", target, weight.shape[0], ignore_index)
-    return _linear_cross_entropy_logits_fn(hidden, weight, target, bias, (ignore_index, reduction))
+    if eager_fast_path(hidden) and _plain_weight(weight) and (bias is None or type(bias) in _PLAIN):
+        return _linear_cross_entropy_logits_fn(hidden, weight, target, bias, (ignore_index, reduction))
+    # traced (AOTAutograd: fake/functional tensors) or a tensor subclass: the same pass as a custom op
+    need_db = bias is not None and bias.requires_grad
+    loss, logits, _, _, _ = _lce_logits_fwd_op(hidden, weight, target, bias, ignore_index, reduction,
+                                               hidden.requires_grad, weight.requires_grad, need_db)
+    return loss, logits

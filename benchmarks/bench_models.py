@@ -152,6 +152,53 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+# What wraps the model in each tritonize row (tritonize's options).
+TRITONIZE_OPTIONS = {
+    "tritonize": {},
+    "tritonize+inductor": {"rest": "inductor"},
+    "tritonize+cudagraphs": {"cudagraphs": True},
+    "tritonize+inductor+cudagraphs": {"rest": "inductor", "cudagraphs": True},
+    "tritonize+drop_logits": {"drop_logits": True},
+}
+
+
+def make_runner(model, impl: str, **tritonize_options):
+    """The callable a row runs: the model itself, torch.compile of it, or the tritonized model
+    (`tritonize_options` override the row's own, e.g. profile_model's --exclude)."""
+    import torch
+
+    if impl in ("eager", "liger"):  # Liger patches the classes before the model is built
+        return model
+    if impl == "torch.compile":
+        return torch.compile(model)
+    if impl == "compile+cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    if impl == "compile(tritonize)":
+        return torch.compile(model, backend="tritonize")
+    if impl in TRITONIZE_OPTIONS:
+        from tritonize import tritonize
+
+        return tritonize(model, **{**TRITONIZE_OPTIONS[impl], **tritonize_options})
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def train_step(runner, model, ids, dev):
+    """One train step as every training row times it: forward with labels (HF's loss), backward,
+    fused AdamW, zero_grad(set_to_none). Returns the step function (it returns the loss)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(dev == "cuda"))
+
+    def step():
+        loss = runner(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def worker(name: str, impl: str, quick: bool) -> None:
     import torch
 
@@ -189,50 +236,14 @@ def worker(name: str, impl: str, quick: bool) -> None:
         model.train()
 
     t_build = time.perf_counter()
-    if impl == "torch.compile":
-        runner = torch.compile(model)
-    elif impl == "compile(tritonize)":
-        runner = torch.compile(model, backend="tritonize")
-    elif impl == "tritonize":
-        from tritonize import tritonize
-
-        runner = tritonize(model)
-    elif impl == "tritonize+inductor":
-        from tritonize import tritonize
-
-        runner = tritonize(model, rest="inductor")
-    elif impl == "tritonize+cudagraphs":
-        from tritonize import tritonize
-
-        runner = tritonize(model, cudagraphs=True)
-    elif impl == "tritonize+inductor+cudagraphs":
-        from tritonize import tritonize
-
-        runner = tritonize(model, rest="inductor", cudagraphs=True)
-    elif impl == "tritonize+drop_logits":
-        from tritonize import tritonize
-
-        runner = tritonize(model, drop_logits=True)
-    elif impl == "compile+cudagraphs":
-        runner = torch.compile(model, mode="reduce-overhead")
-    elif impl in ("eager", "liger"):
-        runner = model
-    else:
-        raise ValueError(f"unknown impl {impl!r}")
+    runner = make_runner(model, impl)
     wrap_s = time.perf_counter() - t_build
 
     g = torch.Generator(device="cpu").manual_seed(1)
     if spec["task"] == "train":
         (B, T) = spec["shapes"][0]
         ids = torch.randint(0, config.vocab_size, (B, T), generator=g).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(dev == "cuda"))
-
-        def step():
-            loss = runner(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+        step = train_step(runner, model, ids, dev)
 
         t0 = time.perf_counter()
         loss0 = float(step().detach().float())  # .float() forces the sync that ends the first call

@@ -23,14 +23,13 @@ import time
 
 import torch
 
-from benchmarks.bench_models import FULL, QUICK, _fused_count, _model_class, build_config
+from benchmarks.bench_models import FULL, IMPLS, QUICK, _fused_count, _model_class, build_config, make_runner, train_step
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2", choices=sorted(FULL))
-    p.add_argument("--impl", default="tritonize",
-                   choices=["eager", "torch.compile", "tritonize", "tritonize+inductor", "compile(tritonize)"])
+    p.add_argument("--impl", default="tritonize", choices=[i for i in IMPLS if i != "liger"])
     p.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
     p.add_argument("--exclude", default="", help="comma list of pattern names tritonize leaves alone")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
@@ -53,26 +52,15 @@ def main(argv=None) -> int:
     with torch.device(dev):
         model = _model_class(args.model)(config)
     model.to(dtype).train()
-    if args.impl == "torch.compile":
-        runner = torch.compile(model, mode="reduce-overhead" if args.cudagraphs else None)
-    elif args.impl == "compile(tritonize)":
-        runner = torch.compile(model, backend="tritonize")
-    elif args.impl.startswith("tritonize"):
-        from tritonize import tritonize
-
-        runner = tritonize(model, rest="inductor" if args.impl == "tritonize+inductor" else "eager",
-                           exclude=tuple(x for x in args.exclude.split(",") if x), cudagraphs=args.cudagraphs)
-    else:
-        runner = model
+    impl = "compile+cudagraphs" if args.cudagraphs and args.impl == "torch.compile" else args.impl
+    extra = {}
+    if impl.startswith("tritonize"):
+        extra = {"exclude": tuple(x for x in args.exclude.split(",") if x)}
+        if args.cudagraphs:
+            extra["cudagraphs"] = True
+    runner = make_runner(model, impl, **extra)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(dev == "cuda"))
-
-    def step():
-        loss = runner(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = train_step(runner, model, ids, dev)
 
     def sync():
         if dev == "cuda":

@@ -162,6 +162,7 @@ def test_config_logging_never_raises_under_the_logger_patch(monkeypatch):
         raise TypeError("Object of type _lru_cache_wrapper is not JSON serializable")
 
     monkeypatch.setattr(dutils, "_get_dynamo_config_for_logging", raising)
+    monkeypatch.setattr(api, "_JSON_SAFE", [False])  # as in a fresh process
     api._json_safe_config_logging()
     assert dutils._get_dynamo_config_for_logging() is None
     api._json_safe_config_logging()  # idempotent: wraps once

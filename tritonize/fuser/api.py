@@ -132,12 +132,18 @@ def _quiet_loggers():
     return dcfg.patch(**{name: current | once})
 
 
+_JSON_SAFE = [False]
+
+
 def _json_safe_config_logging() -> None:
     """Dynamo logs its config as JSON with every compile's metrics. torch <= 2.11 does not leave
     `ignore_logger_methods` out of that dump, and a function in it is not JSON: every compile
     under our patch then logged an ERROR traceback ("Object of type _lru_cache_wrapper is not JSON
     serializable", seen on the H100 machine). The dump is metrics only; it becomes None (a value
     it may take) instead of raising. torch >= 2.13 leaves the set out, and nothing changes there."""
+    if _JSON_SAFE[0]:  # once per process: this runs on every tritonized call
+        return
+    _JSON_SAFE[0] = True
     import torch._dynamo.utils as dutils
 
     fn = getattr(dutils, "_get_dynamo_config_for_logging", None)

@@ -19,6 +19,9 @@ Rows (implementations), in this order in the table:
                     the like-for-like row for the two above
   tritonize+drop_logits  tritonize(model, drop_logits=True): training returns empty logits, as
                     Liger's patched forward does (the like-for-like row for Liger's memory)
+  tritonize+inductor-lean  tritonize(model, rest="inductor", patterns=("cross_entropy",
+                    "attention")): only the LM head + loss and attention are ours, norms and
+                    activations are left to Inductor (which fuses them with their neighbours)
 
 Models:
   gpt2   GPT-2 124M, training, B8 T1024
@@ -65,11 +68,12 @@ import tempfile
 import time
 
 IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)",
-         "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs", "tritonize+drop_logits"]
+         "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs", "tritonize+drop_logits",
+         "tritonize+inductor-lean"]
 # Process order: Liger last (global class patching; also isolated by its own subprocess).
 RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+cudagraphs", "compile+cudagraphs",
              "tritonize+inductor", "tritonize+inductor+cudagraphs", "compile(tritonize)", "tritonize+drop_logits",
-             "liger"]
+             "tritonize+inductor-lean", "liger"]
 # (most important rows first: if the budget runs out, what is skipped is the end of the list)
 MODELS = ["gpt2", "llama", "bert"]
 
@@ -159,6 +163,7 @@ TRITONIZE_OPTIONS = {
     "tritonize+cudagraphs": {"cudagraphs": True},
     "tritonize+inductor+cudagraphs": {"rest": "inductor", "cudagraphs": True},
     "tritonize+drop_logits": {"drop_logits": True},
+    "tritonize+inductor-lean": {"rest": "inductor", "patterns": ("cross_entropy", "attention")},
 }
 
 

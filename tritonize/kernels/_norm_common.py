@@ -72,7 +72,8 @@ BWD_PROGRAMS_PER_SM = None
 # Default "chain": the fastest on the H100 at both norms (`--sweep-wide`, session 3: RMS 0.455 ms
 # vs 0.494 for "loop", LN 0.465 vs 0.512). The same sweep timed CHAIN_PREFETCH=True faster still
 # (RMS 0.415, LN 0.449; with CHAIN_TILE=(4, 1024) RMS 0.396 but LN 0.512), with correct results;
-# it stays off by default until the GPU test suite has run with it on (it was not, in session 3).
+# it is on by default since session 4 (the GPU suite's "chain" tests run it, "chain-plain" the
+# variant without prefetch and hints).
 WIDE_BWD = "chain"
 # (chunk width, warps) of the per-row sums pass of "split" (one row per program, looped).
 STATS_CFG = (4096, 8)
@@ -92,7 +93,7 @@ CHAIN_LAG = 2
 CHAIN_TILE = (2, 2048)
 CHAIN_WARPS = 4
 CHAIN_EVICT_HINTS = True
-CHAIN_PREFETCH = False
+CHAIN_PREFETCH = True
 
 
 @triton.jit

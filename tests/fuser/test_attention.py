@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.fuser.common import check_parity
+from tests.fuser.common import DEVICE, check_parity
 
 B, H, HKV, T, D = 2, 4, 2, 8, 16
 
@@ -139,6 +139,54 @@ def test_fused_sdpa_kept_by_default_on_cuda(monkeypatch):
     monkeypatch.setenv("TRITONIZE_SDPA", "sometimes")
     with pytest.warns(UserWarning, match="TRITONIZE_SDPA must be"):  # a bad value: graph left as is, said why
         tritonize(Two())(q, k, v, mask)
+
+
+class SdpaOfRepeatedKV(nn.Module):
+    """transformers' GQA spelling whenever it passes a mask: repeat_kv(k), repeat_kv(v) -> SDPA."""
+
+    def forward(self, q, k_small, v_small, mask):
+        n = H // HKV
+        a = F.scaled_dot_product_attention(q, repeat_kv(k_small, n), repeat_kv(v_small, n), is_causal=True)
+        b = F.scaled_dot_product_attention(q, repeat_kv(k_small, n), repeat_kv(v_small, n), attn_mask=mask)
+        return a + b
+
+
+def test_sdpa_of_repeated_kv_folds_the_repeat(monkeypatch):
+    """The repeat_kv copies go: the fused call reads the kv heads as they are (SDPA with
+    enable_gqa=True where torch's fused SDPA is kept, our kernel's GQA otherwise). Forward and
+    the gradients of q and of the small k, v (the repeat's backward sums over the copies) match
+    eager; the rewritten graph has no expand left."""
+    monkeypatch.setenv("TRITONIZE_SDPA", "auto")
+    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(B, H, T, D, dtype=dt)
+    k_small, v_small = torch.randn(B, HKV, T, D, dtype=dt), torch.randn(B, HKV, T, D, dtype=dt)
+    mask = torch.rand(T, T) > 0.3
+    mask[:, 0] = True
+    tol = 2e-2 if dt == torch.bfloat16 else 2e-4
+    rep = check_parity(SdpaOfRepeatedKV(), [q, k_small, v_small, mask], {"sdpa": 2}, atol=tol, rtol=tol)
+    notes = [s.note for s in rep.sites if s.pattern == "sdpa" and s.fused]
+    assert notes and all("repeat_kv folded" in n for n in notes), notes
+    assert any("enable_gqa=True" in n for n in notes) == (DEVICE == "cuda"), notes
+    assert rep.skipped("sdpa") == [], str(rep)
+
+
+def test_sdpa_repeat_fold_can_be_turned_off(monkeypatch):
+    """TRITONIZE_SDPA_GQA=0 (an A/B switch for the benchmarks): the repeat stays, the SDPA is
+    still fused (CPU) with the repeated k, v."""
+    from tritonize.patterns import get
+
+    sdpa = get("sdpa")
+    monkeypatch.setenv("TRITONIZE_SDPA_GQA", "0")
+    sdpa._compiled = None  # search graphs are built once per process
+    try:
+        q = torch.randn(B, H, T, D)
+        k_small, v_small = torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
+        mask = torch.rand(T, T) > 0.3
+        mask[:, 0] = True
+        rep = check_parity(SdpaOfRepeatedKV(), [q, k_small, v_small, mask], None, atol=2e-4, rtol=2e-4)
+        assert not any("repeat_kv folded" in (s.note or "") for s in rep.sites), str(rep)
+    finally:
+        sdpa._compiled = None
 
 
 class MaskBuiltInGraph(nn.Module):

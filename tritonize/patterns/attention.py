@@ -206,16 +206,9 @@ class Attention(Pattern):
         B, H, Tq, D = q.shape
         Tk = k.shape[2]
         if f["gqa"]:
-            # the expand must repeat each kv head n_rep times along a new dim 2 (repeat_kv)
-            n_rep = static_int(H) // static_int(k.shape[1])
-            for name in ("ek", "ev"):
-                e = m[name]
-                if not (isinstance(e, tuple) and len(e) == 5 and static_int(e[2]) == n_rep):
-                    return f"repeat of kv heads {e} is not repeat_kv's"
-            for name in ("rk", "rv"):
-                e = m[name]
-                if not (isinstance(e, tuple) and len(e) == 4 and static_int(e[1]) == static_int(H)):
-                    return f"merge of kv heads {e} is not repeat_kv's"
+            r = _repeat_kv_problem(m, H, k.shape[1])
+            if r:
+                return r
         elif not dim_eq(k.shape[1], H):
             return "k has fewer heads than q without a repeat_kv"
         if f["scale"] == "none":
@@ -309,17 +302,32 @@ class SDPA(Pattern):
     kernel = ("attention", "attention")
 
     def searches(self):
+        # repeat_kv(k), repeat_kv(v) feeding SDPA (transformers' GQA spelling whenever it passes a
+        # mask, which it does under Dynamo): the fused call takes the kv heads as they are
+        # (enable_gqa=True, or our kernel's native GQA), so the H-head copies of k and v are
+        # neither made nor saved for backward (Llama 12L B4 T2048: 2 x 16.8 MB per layer saved)
+        if fold_repeat_kv():
+            def g(q, k, v, m, p, causal, c, gqa, ek, rk, ev, rv):
+                return F.scaled_dot_product_attention(q, _repeat_kv(k, ek, rk), _repeat_kv(v, ev, rv), m, p, causal,
+                                                      scale=c, enable_gqa=gqa)
+
+            yield "F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v))", {"repeat": True}, g
+
         def f(q, k, v, m, p, causal, c, gqa):
             return F.scaled_dot_product_attention(q, k, v, m, p, causal, scale=c, enable_gqa=gqa)
 
-        yield "F.scaled_dot_product_attention", {}, f
+        yield "F.scaled_dot_product_attention", {"repeat": False}, f
 
     def guard(self, m):
         q, k, v = m.val("q"), m.val("k"), m.val("v")
         r = _qkv_guard(q, k, v)
         if r:
             return r
-        if not m["gqa"] and not dim_eq(k.shape[1], q.shape[1]):
+        if m.flags["repeat"]:
+            r = _repeat_kv_problem(m, q.shape[1], k.shape[1])
+            if r:
+                return r
+        elif not m["gqa"] and not dim_eq(k.shape[1], q.shape[1]):
             return "k has fewer heads than q and enable_gqa is False"
         causal, p, c = m["causal"], m["p"], m["c"]
         if not isinstance(causal, bool):
@@ -346,26 +354,59 @@ class SDPA(Pattern):
         m.torch_fused = sdpa_policy() == "auto" and q.device.type == "cuda" \
             and q.dtype in (torch.float16, torch.bfloat16) and static_int(D) is not None \
             and static_int(D) % 8 == 0 and static_int(D) <= 256
-        if m.torch_fused and m.get("m") is None:
+        if m.torch_fused and m.get("m") is None and not m.flags["repeat"]:
             return KEPT_FUSED_SDPA
         return None
 
     def note(self, m):
+        notes = []
         if m.causal_mask:
-            return "constant mask proven causal: is_causal=True" + (" (torch's fused SDPA)" if m.torch_fused else "")
-        return ""
+            notes.append("constant mask proven causal: is_causal=True" + (" (torch's fused SDPA)" if m.torch_fused else ""))
+        if m.flags["repeat"]:
+            notes.append("repeat_kv folded: k, v keep their kv heads" + (" (SDPA enable_gqa=True)" if m.torch_fused
+                                                                           and (m.causal_mask or m.get("m") is None)
+                                                                           else ""))
+        return "; ".join(notes)
 
     def replace(self, m, fn):
         c = m["c"]
         p = float(m["p"])
         if m.causal_mask:
             m["m"].meta["tritonize_drop_if_dead"] = True  # its construction goes once no site reads it
-        if m.causal_mask and m.torch_fused:  # the same SDPA call minus the mask: its fused kernel runs
-            return [m.call(F.scaled_dot_product_attention, m["q"], m["k"], m["v"], None, p, True,
-                           scale=c, enable_gqa=m["gqa"])]
+        gqa = True if m.flags["repeat"] else m["gqa"]
+        if m.torch_fused and (m.causal_mask or m.get("m") is None):
+            # the same SDPA call minus the mask (its fused kernel runs) and minus repeat_kv
+            return [m.call(F.scaled_dot_product_attention, m["q"], m["k"], m["v"], None, p,
+                           True if m.causal_mask else m["causal"], scale=c, enable_gqa=gqa)]
         mask, causal = (None, True) if m.causal_mask else (m.get("m"), m["causal"])
         return [m.call(fn, m["q"], m["k"], m["v"], mask, causal, None if c is None else float(c),
                        p, **_seed_kw(m, p))]
+
+
+def fold_repeat_kv() -> bool:
+    """TRITONIZE_SDPA_GQA=0 leaves repeat_kv in front of SDPA (read once, when the search graphs
+    are built; for A/B timing of the fold)."""
+    v = os.environ.get("TRITONIZE_SDPA_GQA", "1").strip()
+    if v not in ("0", "1"):
+        raise ValueError(f"TRITONIZE_SDPA_GQA must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def _repeat_kv_problem(m, h, hkv) -> str | None:
+    """None when ek/rk and ev/rv are repeat_kv's: each of the hkv heads expanded n_rep = h / hkv
+    times along a new dim 2, then merged back to h heads."""
+    h, hkv = static_int(h), static_int(hkv)
+    if h is None or hkv is None or hkv == 0 or h % hkv:
+        return f"{h} query heads are not a multiple of {hkv} kv heads"
+    for name in ("ek", "ev"):
+        e = m[name]
+        if not (isinstance(e, tuple) and len(e) == 5 and static_int(e[2]) == h // hkv):
+            return f"repeat of kv heads {e} is not repeat_kv's"
+    for name in ("rk", "rv"):
+        e = m[name]
+        if not (isinstance(e, tuple) and len(e) == 4 and static_int(e[1]) == h):
+            return f"merge of kv heads {e} is not repeat_kv's"
+    return None
 
 
 def _seed_kw(m, p):

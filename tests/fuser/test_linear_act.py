@@ -77,3 +77,31 @@ def test_unsupported_dtype_is_skipped_with_reason():
     rep = check_parity(m, [torch.randn(4, 8, dtype=torch.float64)], {"linear_act": 0})
     (site, reason), = rep.skipped("linear_act")
     assert "float64" in reason
+
+
+class GatedWithDown(nn.Module):
+    """Llama's MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); `keep_product` also returns the
+    product (the down projection's input), which then cannot be left unsaved."""
+
+    def __init__(self, keep_product=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(8, 16, bias=False)
+        self.up_proj = nn.Linear(8, 16, bias=False)
+        self.down_proj = nn.Linear(16, 8, bias=False)
+        self.act_fn = nn.SiLU()
+        self.keep_product = keep_product
+
+    def forward(self, x):
+        p = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        y = self.down_proj(p)
+        return (y, p) if self.keep_product else y
+
+
+def test_gated_mlp_with_down_projection():
+    """The whole MLP becomes one gated_mlp call (noted in the report); forward and every
+    gradient equal eager. When the product escapes, gated_linear + the plain down linear."""
+    rep = check_parity(GatedWithDown(), [torch.randn(2, 3, 8)], {"gated_mlp": 1, "linear_act": 0})
+    (site,) = [s for s in rep.sites if s.pattern == "gated_mlp" and s.fused]
+    assert "down projection fused" in site.note, str(rep)
+    rep = check_parity(GatedWithDown(keep_product=True), [torch.randn(2, 3, 8)], {"gated_mlp": 1})
+    assert not any("down projection fused" in (s.note or "") for s in rep.sites if s.fused), str(rep)

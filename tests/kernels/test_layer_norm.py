@@ -188,3 +188,14 @@ def test_layer_norm_bad_inputs(device):
         add_layer_norm(x, torch.randn(4, 8, dtype=torch.float16, device=device))
     with pytest.raises(TypeError, match=r"tritonize\.add_layer_norm.*'residual'"):
         add_layer_norm(x, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real wide rows: GPU only (interpreter too slow)")
+@pytest.mark.parametrize("shape", [(33, 20000), (9, 65536)], ids=str)
+def test_layer_norm_wide_rows_default_knobs_cuda(shape):
+    """Rows past BWD_FUSED_MAX with the shipped knobs (the chain backward, its LayerNorm tile and
+    prefetch), every dtype, with and without the residual."""
+    for dtype in dtypes_for("cuda"):
+        check3(layer_norm, layer_norm_reference, _inputs(shape, dtype, "cuda"))
+        check3(add_layer_norm, layer_norm_reference, _inputs(shape, dtype, "cuda", residual=True),
+               names=("normed", "sum"))

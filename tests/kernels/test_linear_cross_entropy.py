@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.helpers import assert_close3, dtypes_for, noncontig_rows, stride0_grad
 from tritonize.kernels import linear_cross_entropy
-from tritonize.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_reference
+from tritonize.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_reference, logits_chunk_size
 
 H, V = 32, 1100
 
@@ -111,6 +111,14 @@ def test_special_cases(device):
     assert default_chunk_size(8192, 2048, 128256) == 512 and default_chunk_size(8192, 4096, 128256) == 1024
     assert default_chunk_size(65536, 4096, 128256) == 2048 and default_chunk_size(8192, 512, 32000) == 256
     assert default_chunk_size(37, 32, 1100) == 37
+    # chunk_size="wide" (tritonize(drop_logits=True)): up to N / 4 rows, same loss and gradients
+    # (N = 1100: 275 -> 512 rows here against the default's 256, so the chunking really differs)
+    assert logits_chunk_size(1100, H, V) == 512 > default_chunk_size(1100, H, V) == 256
+    hw, ww, bw, tw = _inputs(device, torch.float32, 1100)
+    got = _run(lambda *a: linear_cross_entropy(a[0], a[1], tw, a[2], chunk_size="wide"), (hw, ww, bw), None)
+    want = _run(lambda *a: linear_cross_entropy(a[0], a[1], tw, a[2]), (hw, ww, bw), None)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
 
 
 def test_custom_op_path(device, monkeypatch):
@@ -144,6 +152,8 @@ def test_bad_arguments(device):
         linear_cross_entropy(h, w, t[:-1])
     with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size'"):
         linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size' must be a positive int, 'wide'"):
+        linear_cross_entropy(h, w, t, chunk_size="narrow")
     with pytest.raises(ValueError, match=r"linear_cross_entropy.*'reduction'"):
         linear_cross_entropy(h, w, t, reduction="batchmean")
     tb = t.clone()

@@ -162,3 +162,14 @@ def test_rms_norm_bad_inputs(device):
         add_rms_norm(x, torch.randn(4, 9, device=device))
     with pytest.raises(TypeError, match=r"tritonize\.add_rms_norm.*'residual'"):
         add_rms_norm(x, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real wide rows: GPU only (interpreter too slow)")
+@pytest.mark.parametrize("shape", [(33, 20000), (9, 65536)], ids=str)
+def test_rms_norm_wide_rows_default_knobs_cuda(shape):
+    """Rows past BWD_FUSED_MAX with the shipped knobs (the chain backward, its RMSNorm tile and
+    prefetch), every dtype, with and without the residual."""
+    for dtype in dtypes_for("cuda"):
+        check3(lambda **k: rms_norm(**k, eps=1e-6), lambda **k: rms_norm_reference(**k, eps=1e-6),
+               _inputs(shape, dtype, "cuda"))
+        check3(add_rms_norm, rms_norm_reference, _inputs(shape, dtype, "cuda", residual=True), names=("normed", "sum"))

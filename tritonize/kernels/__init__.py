@@ -7,6 +7,7 @@ Public functional API (torch-style signatures):
     softmax(x, dim=-1)                          dropout(x, p, training=True)
     linear_act(x, weight, bias=None, activation="gelu")
     gated_linear(x, w_gate, w_up, activation="silu")
+    gated_mlp(x, w_gate, w_up, w_down, activation="silu")   # + the down projection, product not saved
     attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0)
     cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0)
     linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
@@ -30,6 +31,7 @@ _EXPORTS = {
     "dropout": "dropout",
     "linear_act": "linear_act",
     "gated_linear": "linear_act",
+    "gated_mlp": "linear_act",
     "ACTIVATIONS": "_activations",
     "attention": "attention",
     "cross_entropy": "cross_entropy",

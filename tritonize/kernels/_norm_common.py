@@ -90,7 +90,10 @@ SPLIT_PROGRAMS_PER_SM = 4
 # off beat on for LayerNorm); to be confirmed by `bench_rowwise --sweep-wide` on the H100.
 CHAIN_ROWS = 32
 CHAIN_LAG = 2
-CHAIN_TILE = (2, 2048)
+# per norm (a single tuple applies to both): RMSNorm's backward is lighter per element (no mean,
+# no dbias) and took (4, 1024) faster with prefetch (H100 4096x32768 bwd 0.394 vs 0.414 ms,
+# fwd+bwd 77.5% vs 74.6% of copy bandwidth, session 4), where LayerNorm lost with it (0.515 vs 0.448)
+CHAIN_TILE = {"layer_norm": (2, 2048), "rms_norm": (4, 1024)}
 CHAIN_WARPS = 4
 CHAIN_EVICT_HINTS = True
 CHAIN_PREFETCH = True
@@ -667,7 +670,8 @@ def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_d
         )  # fmt: skip
         return part
     if variant == "chain":
-        block_m, block_n = CHAIN_TILE
+        block_m, block_n = CHAIN_TILE if isinstance(CHAIN_TILE, tuple) else CHAIN_TILE[
+            "layer_norm" if has_mean else "rms_norm"]
         block_n = min(block_n, next_pow2(n))
         rows = max(CHAIN_ROWS, block_m)  # both powers of two: rows is a multiple of block_m
         n_chunks = cdiv(m, rows)

@@ -566,10 +566,13 @@ def _gated_linear_bwd_kernel(
     stride_dyn,
     stride_sm,
     ACTIVATION: tl.constexpr,
+    P_INTO_DY: tl.constexpr,  # gated_mlp: write P = act(G) * U over dY (a buffer the caller owns)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # out = act(G) * U   =>   dG = dY * U * act'(G),   dU = dY * act(G)
+    # gated_mlp does not save out (= P, the down projection's input): P is recomputed here from
+    # the G, U this kernel reads anyway, for dW_down = dY_down^T @ P (one M x N store more)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -581,10 +584,15 @@ def _gated_linear_bwd_kernel(
     offs = rm64[:, None] * stride_sm + rn[None, :]
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = activation_fwd(g, ACTIVATION)
     dg = dy * u * activation_grad(g, ACTIVATION)
-    du = dy * activation_fwd(g, ACTIVATION)
+    du = dy * a
     tl.store(g_ptr + offs, dg.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(u_ptr + offs, du.to(u_ptr.dtype.element_ty), mask=mask)
+    if P_INTO_DY:
+        p = a * u
+        tl.store(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn, p.to(dy_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,23 +768,52 @@ def gated_linear_forward(x2, w_gate, w_up, activation: str, store_gu: bool = Tru
     return out, g, u
 
 
+def _gated_bwd_elementwise(dy2, g2, u2, activation: str, p_into_dy: bool):
+    M, N = g2.shape
+    _gated_linear_bwd_kernel[(cdiv(M, _EW_BLOCK_M), cdiv(N, _EW_BLOCK_N))](
+        dy2, g2, u2, M, N, dy2.stride(0), dy2.stride(1), g2.stride(0),
+        ACTIVATION=activation, P_INTO_DY=p_into_dy, BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
+    )  # fmt: skip
+
+
+def _gated_input_grads(dg, du, x2, w_gate, w_up, need_dx: bool, need_dw: bool):
+    """dX = dG @ Wg + dU @ Wu, dWg = dG^T X, dWu = dU^T X (cuBLAS)."""
+    dx = None
+    if need_dx:
+        dx = torch.mm(dg, w_gate)
+        dx.addmm_(du, w_up)  # dX += dU @ Wu, accumulated by cuBLAS (beta=1), no temporary
+    dwg = torch.mm(dg.t(), x2) if need_dw else None
+    dwu = torch.mm(du.t(), x2) if need_dw else None
+    return dx, dwg, dwu
+
+
 def gated_linear_backward(dy2, x2, w_gate, w_up, g2, u2, activation: str, need_dx: bool, need_dw: bool):
     """(dx | None, dwg | None, dwu | None). Writes dG over g2 and dU over u2 (in place)."""
-    M, K = x2.shape
-    N = w_gate.shape[0]
     with device_ctx(x2):
-        _gated_linear_bwd_kernel[(cdiv(M, _EW_BLOCK_M), cdiv(N, _EW_BLOCK_N))](
-            dy2, g2, u2, M, N, dy2.stride(0), dy2.stride(1), g2.stride(0),
-            ACTIVATION=activation, BLOCK_M=_EW_BLOCK_M, BLOCK_N=_EW_BLOCK_N, num_warps=_EW_WARPS,
-        )  # fmt: skip
-        dg, du = g2, u2
-        dx = None
-        if need_dx:
-            dx = torch.mm(dg, w_gate)
-            dx.addmm_(du, w_up)  # dX += dU @ Wu, accumulated by cuBLAS (beta=1), no temporary
-        dwg = torch.mm(dg.t(), x2) if need_dw else None
-        dwu = torch.mm(du.t(), x2) if need_dw else None
-    return dx, dwg, dwu
+        _gated_bwd_elementwise(dy2, g2, u2, activation, False)
+        return _gated_input_grads(g2, u2, x2, w_gate, w_up, need_dx, need_dw)
+
+
+def gated_mlp_forward(x2, w_gate, w_up, w_down, activation: str, store_gu: bool = True):
+    """(y, g, u) for 2-D x: y = (act(x Wg^T) * (x Wu^T)) Wd^T, (M, D) contiguous. The product P
+    is freed here (not saved): gated_mlp_backward recomputes it from g, u."""
+    p, g, u = gated_linear_forward(x2, w_gate, w_up, activation, store_gu)
+    with device_ctx(x2):
+        y = torch.mm(p, w_down.t())
+    return y, g, u
+
+
+def gated_mlp_backward(dy2, x2, w_gate, w_up, w_down, g2, u2, activation: str, need_dx: bool, need_dw: bool,
+                       need_dwd: bool):
+    """(dx | None, dwg | None, dwu | None, dwd | None). Writes dG over g2 and dU over u2.
+
+        dP = dY Wd;  [dG, dU, P] from (dP, G, U) in one element-wise pass (P written over dP);
+        dWd = dY^T P;  then dX, dWg, dWu as gated_linear."""
+    with device_ctx(x2):
+        dp = torch.mm(dy2, w_down)  # (M, N) contiguous and ours: P may overwrite it
+        _gated_bwd_elementwise(dp, g2, u2, activation, need_dwd)
+        dwd = torch.mm(dy2.t(), dp) if need_dwd else None
+        return (*_gated_input_grads(g2, u2, x2, w_gate, w_up, need_dx, need_dw), dwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1077,6 +1114,143 @@ class _GatedLinearFn(torch.autograd.Function):
 _gated_linear_fn = fast_apply(_GatedLinearFn)
 
 
+# gated_mlp: gated_linear followed by the down projection, saving x, G, U but not the product P
+# (the down projection's input, which a separate linear would save: M x N, as large as G or U;
+# 704 MB over a 12-layer Llama at B4 T2048). P is recomputed in the backward's element-wise pass.
+
+
+def _gated_mlp_fwd_impl(x, w_gate, w_up, w_down, activation: str, save: bool):
+    """(y, g, u): g, u saved for backward (empty tensors when `save` is False: inference)."""
+    out_shape = (*x.shape[:-1], w_down.shape[0])
+    gu_shape = (*x.shape[:-1], w_gate.shape[0])
+    if use_triton(x):
+        y, g, u = gated_mlp_forward(_as_2d(x), w_gate, w_up, w_down, activation, store_gu=save)
+        if not save:
+            return y.view(out_shape), x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+        return y.view(out_shape), g.view(gu_shape), u.view(gu_shape)
+    g = F.linear(x, w_gate)
+    u = F.linear(x, w_up)
+    y = F.linear((ACTIVATIONS[activation].torch_fn(g.float()) * u.float()).to(x.dtype), w_down)
+    if not save:
+        return y, x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+    return y, g, u
+
+
+@torch.library.custom_op("tritonize::gated_mlp_fwd", mutates_args=())
+def _gated_mlp_fwd_op(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str, save: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_mlp_fwd_impl(x, w_gate, w_up, w_down, activation, save)
+
+
+@_gated_mlp_fwd_op.register_fake
+def _(x, w_gate, w_up, w_down, activation, save):
+    gu_shape = (*x.shape[:-1], w_gate.shape[0]) if save else _EMPTY
+    return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty(gu_shape), x.new_empty(gu_shape)
+
+
+def _gated_mlp_bwd_impl(dy, x, w_gate, w_up, w_down, g, u, activation: str, need_dx: bool, need_dw: bool,
+                        need_dwd: bool):
+    """(dx, dw_gate, dw_up, dw_down), each empty when not needed; g, u are overwritten."""
+    N, K = w_gate.shape
+    if use_triton(x):
+        dx, dwg, dwu, dwd = gated_mlp_backward(
+            _as_2d(dy), _as_2d(x), w_gate, w_up, w_down, _as_2d(g), _as_2d(u), activation, need_dx, need_dw, need_dwd
+        )
+        dx = dx.view(x.shape) if dx is not None else None
+    else:
+        act = ACTIVATIONS[activation]
+        dy2 = dy.reshape(-1, w_down.shape[0])
+        gf, uf, dpf = g.reshape(-1, N).float(), u.reshape(-1, N).float(), (dy2 @ w_down).float()
+        dg = (dpf * uf * act.torch_grad(gf)).to(x.dtype)
+        du = (dpf * act.torch_fn(gf)).to(x.dtype)
+        x2 = x.reshape(-1, K)
+        dx = (dg @ w_gate + du @ w_up).view(x.shape) if need_dx else None
+        dwg = dg.t() @ x2 if need_dw else None
+        dwu = du.t() @ x2 if need_dw else None
+        dwd = dy2.t() @ (act.torch_fn(gf) * uf).to(x.dtype) if need_dwd else None
+    e = lambda t: t if t is not None else x.new_empty(_EMPTY)  # noqa: E731
+    return e(dx), e(dwg), e(dwu), e(dwd)
+
+
+@torch.library.custom_op("tritonize::gated_mlp_bwd", mutates_args=("g", "u"))
+def _gated_mlp_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    activation: str,
+    need_dx: bool,
+    need_dw: bool,
+    need_dwd: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_mlp_bwd_impl(dy, x, w_gate, w_up, w_down, g, u, activation, need_dx, need_dw, need_dwd)
+
+
+@_gated_mlp_bwd_op.register_fake
+def _(dy, x, w_gate, w_up, w_down, g, u, activation, need_dx, need_dw, need_dwd):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(_EMPTY),
+        w_gate.new_empty(w_gate.shape) if need_dw else x.new_empty(_EMPTY),
+        w_up.new_empty(w_up.shape) if need_dw else x.new_empty(_EMPTY),
+        w_down.new_empty(w_down.shape) if need_dwd else x.new_empty(_EMPTY),
+    )
+
+
+def _gated_mlp_grads(ctx, dy, bwd):
+    x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+    need_dx, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+    dx, dwg, dwu, dwd = bwd(dy, x, w_gate, w_up, w_down, g, u, ctx.activation, need_dx, need_wg or need_wu, need_wd)
+    return (dx if need_dx else None, dwg if need_wg else None, dwu if need_wu else None, dwd if need_wd else None,
+            None, None)
+
+
+def _gated_mlp_setup(ctx, inputs, output):
+    x, w_gate, w_up, w_down, activation, _ = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, w_gate, w_up, w_down, output[1], output[2])
+
+
+def _gated_mlp_backward(ctx, dy, dg_unused, du_unused):
+    return _gated_mlp_grads(ctx, dy, torch.ops.tritonize.gated_mlp_bwd)
+
+
+_gated_mlp_fwd_op.register_autograd(_gated_mlp_backward, setup_context=_gated_mlp_setup)
+
+
+class _GatedMLPFn(torch.autograd.Function):
+    """Eager fast path (see _LinearActFn): G and U saved 2-D, P freed after the down projection."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, activation):
+        y, g, u = gated_mlp_forward(_as_2d(x), w_gate, w_up, w_down, activation, store_gu=True)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], w_down.shape[0])
+        ctx.activation = activation
+        ctx.save_for_backward(x, w_gate, w_up, w_down, g, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+        need_dx, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+        dx, dwg, dwu, dwd = gated_mlp_backward(
+            _as_2d(dy), _as_2d(x), w_gate, w_up, w_down, g, u, ctx.activation, need_dx, need_wg or need_wu, need_wd
+        )
+        if dx is not None and x.dim() != 2:
+            dx = dx.view(x.shape)
+        torch.autograd.graph.increment_version(g)  # dG, dU were written over G, U
+        torch.autograd.graph.increment_version(u)
+        return (dx if need_dx else None), (dwg if need_wg else None), (dwu if need_wu else None), \
+            (dwd if need_wd else None), None
+
+
+_gated_mlp_fn = fast_apply(_GatedMLPFn)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. References (plain torch; `upcast` computes in fp32)
 # ---------------------------------------------------------------------------------------------
@@ -1093,6 +1267,12 @@ def gated_linear_reference(x, w_gate, w_up, activation="silu", upcast: bool = Fa
     if upcast:
         x, w_gate, w_up = x.float(), w_gate.float(), w_up.float()
     return ACTIVATIONS[activation].torch_fn(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+def gated_mlp_reference(x, w_gate, w_up, w_down, activation="silu", upcast: bool = False):
+    if upcast:
+        x, w_down = x.float(), w_down.float()
+    return F.linear(gated_linear_reference(x, w_gate, w_up, activation, upcast), w_down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1182,9 +1362,42 @@ def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, acti
     return out
 
 
+def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              activation: str = "silu"):
+    """(act(x @ w_gate^T) * (x @ w_up^T)) @ w_down^T: a whole SwiGLU / GeGLU MLP (Llama's
+    down_proj(act_fn(gate_proj(x)) * up_proj(x))). x (..., K), w_gate / w_up (N, K), w_down
+    (D, N) -> (..., D). Same numbers as gated_linear followed by F.linear, but the product (the
+    down projection's input) is recomputed in backward instead of saved: M x N less memory."""
+    check_activation("gated_mlp", activation)
+    _check_linear("gated_mlp", x, {"w_gate": w_gate, "w_up": w_up})
+    check_tensor("gated_mlp", "w_down", w_down)
+    if w_down.dtype != x.dtype:
+        raise TypeError(f"tritonize.gated_mlp: argument 'w_down' has dtype {w_down.dtype} but x has {x.dtype}; "
+                        "they must match")
+    check_same_device("gated_mlp", x=x, w_down=w_down)
+    check_arg("gated_mlp", "w_down", w_down.dim() == 2 and w_down.shape[1] == w_gate.shape[0],
+              f"must be 2-D (D, N) with N = w_gate.shape[0] = {w_gate.shape[0]}, got shape {tuple(w_down.shape)}")
+    if x.numel() == 0 or w_gate.numel() == 0 or w_down.numel() == 0:
+        return gated_mlp_reference(x, w_gate, w_up, w_down, activation)  # nothing to launch
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or w_gate.requires_grad or w_up.requires_grad or w_down.requires_grad
+    )
+    if eager_fast_path(x):
+        if not needs_grad:  # no autograd node to build; nothing to save
+            y, _, _ = gated_mlp_forward(_as_2d(x), w_gate, w_up, w_down, activation, store_gu=False)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], w_down.shape[0])
+        return _gated_mlp_fn(x, w_gate, w_up, w_down, activation)
+    y, _, _ = torch.ops.tritonize.gated_mlp_fwd(x, w_gate, w_up, w_down, activation, needs_grad)
+    return y
+
+
 __all__ = [
     "linear_act",
     "gated_linear",
+    "gated_mlp",
+    "gated_mlp_forward",
+    "gated_mlp_backward",
+    "gated_mlp_reference",
     "linear_act_forward",
     "linear_act_backward",
     "gated_linear_forward",

@@ -74,6 +74,10 @@ def logits_chunk_size(n: int, h: int, v: int) -> int:
     return max(default_chunk_size(n, h, v), min(MAX_CHUNK, next_pow2(max(n // 4, 1))))
 
 
+# chunk_size="wide" (public) is passed down as this int: the logits_chunk_size rule without logits
+WIDE = -1
+
+
 def _padded(v: int) -> int:
     return (v + 15) // 16 * 16
 
@@ -140,7 +144,7 @@ def linear_cross_entropy_forward(
             dw.zero_()
         return loss, dh, dw, (db.to(bias.dtype) if need_db else None)
     div = divisor_for(target, ignore_index, reduction, normalizer)
-    c = chunk_size or default_chunk_size(n, h, v)
+    c = logits_chunk_size(n, h, v) if chunk_size == WIDE else (chunk_size or default_chunk_size(n, h, v))
     buf = torch.empty((min(c, n), vp), dtype=hidden.dtype, device=dev)
     wt = w_k.t()
     b = None if b_k is None else b_k.to(buf.dtype)
@@ -474,8 +478,9 @@ def _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, l
         check_arg(op, "normalizer", reduction != "none", "cannot be combined with reduction='none'")
     if chunk_size is not None:
         check_arg(
-            op, "chunk_size", isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0,
-            f"must be a positive int or None, got {chunk_size!r}",
+            op, "chunk_size",
+            chunk_size == "wide" or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0),
+            f"must be a positive int, 'wide' or None, got {chunk_size!r}",
         )  # fmt: skip
     check_arg(op, "weight", v > 0 or target.numel() == 0, "has no rows (V == 0)")
 
@@ -511,7 +516,10 @@ def linear_cross_entropy(
     hidden (..., H); weight (V, H); bias (V,) or None; target (...). Semantics of
     tritonize.kernels.cross_entropy (fp32 loss; mean over non-ignored targets, 0 when all are
     ignored; `normalizer` -> sum / normalizer, matching transformers' num_items_in_batch;
-    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk (default from N, H, V).
+    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk; None: the lean
+    default from N, H, V (`default_chunk_size`); "wide": up to a quarter of N (at most 2048 rows,
+    `logits_chunk_size`): fewer passes over dW for a larger chunk buffer (still at most a quarter
+    of the (N, V) logits) — what `tritonize(drop_logits=True)` uses.
     """
     op = "linear_cross_entropy"
     # Fast path for the common (valid) call: attribute reads only; the detailed checks below
@@ -525,6 +533,8 @@ def linear_cross_entropy(
     ):
         _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, logit_softcap,
                         normalizer, chunk_size)
+        if chunk_size == "wide":
+            chunk_size = WIDE
     v = weight.shape[0]
     check_targets(op, target, v, ignore_index)  # CPU targets only: returns at once for CUDA ones
     norm_t, scale = prepare_normalizer(op, normalizer, hidden.device)

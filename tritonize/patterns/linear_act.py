@@ -8,11 +8,13 @@ A bare linear (activation "none") is left to cuBLAS.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from tritonize.fuser.normalize import quick_gelu
-from tritonize.patterns import Pattern, first_problem, register, tensor_problem
+from tritonize.patterns import Pattern, first_problem, kernel_fn, register, tensor_problem
 
 ACTS = {
     "relu": lambda z: torch.relu(z),
@@ -80,26 +82,50 @@ class GatedLinear(Pattern):
     priority = 25
     kernel = ("linear_act", "gated_linear")
 
+    # With the down projection (Llama's down_proj(act(gate_proj(x)) * up_proj(x))): one
+    # gated_mlp call, which recomputes the product in backward instead of saving it for the down
+    # projection's weight gradient (M x N less memory per MLP). Without it (the product used
+    # elsewhere, or no linear after it): gated_linear.
     def searches(self):
+        downs = (True, False) if fuse_down_projection() else (False,)
         for label, act in ACTS.items():
             for order in ("act*up", "up*act"):
-                def make(act, order):
-                    def f(x, wg, wu):
-                        g = act(F.linear(x, wg, None))
-                        u = F.linear(x, wu, None)
-                        return g * u if order == "act*up" else u * g
-                    return f
+                for down in downs:
+                    def make(act, order, down):
+                        def f(x, wg, wu, wd):
+                            g = act(F.linear(x, wg, None))
+                            u = F.linear(x, wu, None)
+                            p = g * u if order == "act*up" else u * g
+                            return F.linear(p, wd, None) if down else p
+                        return f
 
-                f = make(act, order)
-                yield f"{label},{order}", {"activation": _act_name(label)}, f
+                    f = make(act, order, down)
+                    yield f"{label},{order}{',down' if down else ''}", {"activation": _act_name(label), "down": down}, f
 
     def guard(self, m):
-        r = _linear_guard(m, "x", ["wg", "wu"])
+        r = _linear_guard(m, "x", ["wg", "wu"] + (["wd"] if m.flags["down"] else []))
         if r:
             return r
         if tuple(m.val("wg").shape) != tuple(m.val("wu").shape):
             return first_problem("gate and up weights have different shapes")
+        if m.flags["down"] and m.val("wd").shape[1] != m.val("wg").shape[0]:
+            return "down projection's input size differs from the gate's output size"
         return None
 
+    def note(self, m):
+        return "down projection fused: its input recomputed in backward, not saved" if m.flags["down"] else ""
+
     def replace(self, m, fn):
+        if m.flags["down"]:
+            return [m.call(kernel_fn("linear_act", "gated_mlp"), m["x"], m["wg"], m["wu"], m["wd"],
+                           activation=m.flags["activation"])]
         return [m.call(fn, m["x"], m["wg"], m["wu"], activation=m.flags["activation"])]
+
+
+def fuse_down_projection() -> bool:
+    """TRITONIZE_GATED_MLP_DOWN=0 leaves the down projection a separate linear (read once, when
+    the search graphs are built; for A/B measurements)."""
+    v = os.environ.get("TRITONIZE_GATED_MLP_DOWN", "1").strip()
+    if v not in ("0", "1"):
+        raise ValueError(f"TRITONIZE_GATED_MLP_DOWN must be 0 or 1, got {v!r}")
+    return v == "1"

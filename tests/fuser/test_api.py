@@ -167,3 +167,18 @@ def test_config_logging_never_raises_under_the_logger_patch(monkeypatch):
     assert dutils._get_dynamo_config_for_logging() is None
     api._json_safe_config_logging()  # idempotent: wraps once
     assert dutils._get_dynamo_config_for_logging.__closure__[0].cell_contents is raising
+
+
+def test_bad_options_raise_naming_the_option():
+    """tritonize's boolean options reject other values with a TypeError naming the option."""
+    import pytest
+    import torch.nn as nn
+
+    from tritonize import tritonize
+
+    with pytest.raises(TypeError, match="tritonize: drop_logits must be True or False"):
+        tritonize(nn.Linear(2, 2), drop_logits="yes")
+    with pytest.raises(TypeError, match="tritonize: gqa_fold must be True, False or None"):
+        tritonize(nn.Linear(2, 2), gqa_fold=1)
+    with pytest.raises(TypeError, match="tritonize: expected an nn.Module"):
+        tritonize(lambda x: x)

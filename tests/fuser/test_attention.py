@@ -151,11 +151,13 @@ class SdpaOfRepeatedKV(nn.Module):
         return a + b
 
 
-def test_sdpa_of_repeated_kv_folds_the_repeat(monkeypatch):
-    """The repeat_kv copies go: the fused call reads the kv heads as they are (SDPA with
-    enable_gqa=True where torch's fused SDPA is kept, our kernel's GQA otherwise). Forward and
-    the gradients of q and of the small k, v (the repeat's backward sums over the copies) match
-    eager; the rewritten graph has no expand left."""
+def test_sdpa_of_repeated_kv(monkeypatch):
+    """Calls that go to our kernel take the kv heads as they are (the repeat_kv copies go; the
+    masked call everywhere, both on CPU). Torch's kept fused SDPA (CUDA half, causal) keeps the
+    repeat unless gqa_fold=True, which calls it with enable_gqa=True. Forward and the gradients of
+    q and of the small k, v (the repeat's backward sums over the copies) match eager each time."""
+    from tritonize.patterns.attention import KEPT_FUSED_SDPA
+
     monkeypatch.setenv("TRITONIZE_SDPA", "auto")
     dt = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     q = torch.randn(B, H, T, D, dtype=dt)
@@ -163,30 +165,16 @@ def test_sdpa_of_repeated_kv_folds_the_repeat(monkeypatch):
     mask = torch.rand(T, T) > 0.3
     mask[:, 0] = True
     tol = 2e-2 if dt == torch.bfloat16 else 2e-4
-    rep = check_parity(SdpaOfRepeatedKV(), [q, k_small, v_small, mask], {"sdpa": 2}, atol=tol, rtol=tol)
-    notes = [s.note for s in rep.sites if s.pattern == "sdpa" and s.fused]
-    assert notes and all("repeat_kv folded" in n for n in notes), notes
-    assert any("enable_gqa=True" in n for n in notes) == (DEVICE == "cuda"), notes
-    assert rep.skipped("sdpa") == [], str(rep)
-
-
-def test_sdpa_repeat_fold_can_be_turned_off(monkeypatch):
-    """TRITONIZE_SDPA_GQA=0 (an A/B switch for the benchmarks): the repeat stays, the SDPA is
-    still fused (CPU) with the repeated k, v."""
-    from tritonize.patterns import get
-
-    sdpa = get("sdpa")
-    monkeypatch.setenv("TRITONIZE_SDPA_GQA", "0")
-    sdpa._compiled = None  # search graphs are built once per process
-    try:
-        q = torch.randn(B, H, T, D)
-        k_small, v_small = torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
-        mask = torch.rand(T, T) > 0.3
-        mask[:, 0] = True
-        rep = check_parity(SdpaOfRepeatedKV(), [q, k_small, v_small, mask], None, atol=2e-4, rtol=2e-4)
-        assert not any("repeat_kv folded" in (s.note or "") for s in rep.sites), str(rep)
-    finally:
-        sdpa._compiled = None
+    for gqa_fold in (False, True):
+        rep = check_parity(SdpaOfRepeatedKV(), [q, k_small, v_small, mask], None, atol=tol, rtol=tol,
+                           gqa_fold=gqa_fold)
+        notes = [s.note for s in rep.sites if s.pattern == "sdpa" and s.fused]
+        assert notes and all("repeat_kv folded" in n for n in notes), str(rep)
+        if DEVICE == "cuda" and not gqa_fold:
+            assert rep.count("sdpa") == 1 and [r for _, r in rep.skipped("sdpa")] == [KEPT_FUSED_SDPA], str(rep)
+        else:
+            assert rep.count("sdpa") == 2 and rep.skipped("sdpa") == [], str(rep)
+        assert any("enable_gqa=True" in n for n in notes) == (DEVICE == "cuda" and gqa_fold), str(rep)
 
 
 class MaskBuiltInGraph(nn.Module):

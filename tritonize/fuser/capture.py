@@ -83,10 +83,11 @@ def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True, op
 
 
 def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False,
-                 drop_logits=None):
+                 drop_logits=None, gqa_fold=False):
     """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
     drop_logits: None, or a callable telling at capture time whether returned LM-head logits may
-    be dropped (tritonize(drop_logits=True) passes "the model is in training mode")."""
+    be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold:
+    see `tritonize`."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
     if not isinstance(cudagraphs, bool):
@@ -96,7 +97,8 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)
         try:
-            transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits())})
+            transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
+                                                 "gqa_fold": bool(gqa_fold)})
         except Exception as e:  # a bug in the pass must not break the user's model
             if strict:
                 raise

@@ -21,7 +21,7 @@ from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
 from tritonize.fuser.normalize import propagate
 from tritonize.fuser.report import Report, Site
-from tritonize.patterns import Match, Pattern
+from tritonize.patterns import NOT_THIS_VARIANT, Match, Pattern
 
 
 class _Matcher(SubgraphMatcher):
@@ -111,6 +111,8 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                 if reason is None:
                     m.note = pat.note(m)
                     reason = _apply(graph, m, kfn)
+                if reason is NOT_THIS_VARIANT:
+                    continue  # a later (smaller) variant may match these nodes; nothing to report
                 if reason is not None:
                     if anchor_key not in reported:
                         reported.add(anchor_key)

@@ -169,6 +169,11 @@ class Match:
         return self.graph.call_function(operator.getitem, (x, i))
 
 
+# A guard's answer for "this variant does not apply here, try the next one" without reporting
+# the site as skipped (e.g. an optional rewrite the user's options turn off).
+NOT_THIS_VARIANT = "not this variant"
+
+
 class Pattern:
     name: str = ""
     family: str = ""
@@ -243,7 +248,7 @@ def search_args(f: Callable) -> list[str]:
 
 __all__ = [
     "Pattern", "Match", "register", "dim_eq", "same_shape", "all_patterns", "get", "kernel_fn", "static_int", "is_number",
-    "tensor_problem", "first_problem", "FLOATS", "FAMILIES",
+    "tensor_problem", "first_problem", "FLOATS", "FAMILIES", "NOT_THIS_VARIANT",
 ]
 
 _ = Any

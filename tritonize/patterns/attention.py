@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from tritonize.patterns import (
-    FLOATS, Pattern, dim_eq, first_problem, is_number, register, same_shape, static_int, tensor_problem,
+    FLOATS, NOT_THIS_VARIANT, Pattern, dim_eq, first_problem, is_number, register, same_shape, static_int,
+    tensor_problem,
 )
 
 _MAX_HEAD_DIM = 256
@@ -303,15 +304,15 @@ class SDPA(Pattern):
 
     def searches(self):
         # repeat_kv(k), repeat_kv(v) feeding SDPA (transformers' GQA spelling whenever it passes a
-        # mask, which it does under Dynamo): the fused call takes the kv heads as they are
-        # (enable_gqa=True, or our kernel's native GQA), so the H-head copies of k and v are
-        # neither made nor saved for backward (Llama 12L B4 T2048: 2 x 16.8 MB per layer saved)
-        if fold_repeat_kv():
-            def g(q, k, v, m, p, causal, c, gqa, ek, rk, ev, rv):
-                return F.scaled_dot_product_attention(q, _repeat_kv(k, ek, rk), _repeat_kv(v, ev, rv), m, p, causal,
-                                                      scale=c, enable_gqa=gqa)
+        # mask, which it does under Dynamo): the fused call takes the kv heads as they are (our
+        # kernel's native GQA; torch's kept SDPA with enable_gqa=True only with the gqa_fold
+        # option), so the H-head copies of k and v are neither made nor saved for backward
+        # (Llama 12L B4 T2048: 2 x 16.8 MB per layer)
+        def g(q, k, v, m, p, causal, c, gqa, ek, rk, ev, rv):
+            return F.scaled_dot_product_attention(q, _repeat_kv(k, ek, rk), _repeat_kv(v, ev, rv), m, p, causal,
+                                                  scale=c, enable_gqa=gqa)
 
-            yield "F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v))", {"repeat": True}, g
+        yield "F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v))", {"repeat": True}, g
 
         def f(q, k, v, m, p, causal, c, gqa):
             return F.scaled_dot_product_attention(q, k, v, m, p, causal, scale=c, enable_gqa=gqa)
@@ -354,6 +355,11 @@ class SDPA(Pattern):
         m.torch_fused = sdpa_policy() == "auto" and q.device.type == "cuda" \
             and q.dtype in (torch.float16, torch.bfloat16) and static_int(D) is not None \
             and static_int(D) % 8 == 0 and static_int(D) <= 256
+        kept = m.torch_fused and (m.causal_mask or m.get("m") is None)
+        if kept and m.flags["repeat"] and not m.options.get("gqa_fold"):
+            # torch 2.11's cuDNN SDPA runs GQA slower than on repeated heads (H100, Llama's
+            # B4 H16/8 T2048 D64: 0.64 vs 0.50 ms fwd+bwd): keep the repeat unless memory is the aim
+            return NOT_THIS_VARIANT
         if m.torch_fused and m.get("m") is None and not m.flags["repeat"]:
             return KEPT_FUSED_SDPA
         return None
@@ -381,15 +387,6 @@ class SDPA(Pattern):
         mask, causal = (None, True) if m.causal_mask else (m.get("m"), m["causal"])
         return [m.call(fn, m["q"], m["k"], m["v"], mask, causal, None if c is None else float(c),
                        p, **_seed_kw(m, p))]
-
-
-def fold_repeat_kv() -> bool:
-    """TRITONIZE_SDPA_GQA=0 leaves repeat_kv in front of SDPA (read once, when the search graphs
-    are built; for A/B timing of the fold)."""
-    v = os.environ.get("TRITONIZE_SDPA_GQA", "1").strip()
-    if v not in ("0", "1"):
-        raise ValueError(f"TRITONIZE_SDPA_GQA must be 0 or 1, got {v!r}")
-    return v == "1"
 
 
 def _repeat_kv_problem(m, h, hkv) -> str | None:

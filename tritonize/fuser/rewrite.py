@@ -120,6 +120,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                     continue
                 reported.add(anchor_key)
                 consumed.update(nodes)
+                consumed.update(m.new_nodes)
                 fused += 1
                 report.add(Site(pat.name, m.site, True, "", capture, label, note=m.note))
                 for old, new in zip(returning, m.new_values):
@@ -199,6 +200,8 @@ def _apply(graph: fx.Graph, m: Match, kfn) -> str | None:
     for n in new_nodes:
         propagate(n, like)
     m.new_values = list(outs)
+    m.new_nodes = new_nodes  # the fused call(s): never matched again (a later variant of the same
+    # pattern would otherwise see e.g. the SDPA call it put in place of a masked one)
     for old, new in zip(m.returning, outs):
         old.replace_all_uses_with(new)
     members = sorted(set(m.nodes), key=lambda n: -order[n])

@@ -2,6 +2,14 @@
 
     linear_act(x, weight, bias=None, activation="gelu")  = act(x @ weight^T + bias)
     gated_linear(x, w_gate, w_up, activation="silu")     = act(x @ w_gate^T) * (x @ w_up^T)
+    gated_mlp(x, w_gate, w_up, w_down, activation="silu") = gated_linear(x, w_gate, w_up) @ w_down^T
+
+gated_mlp saves x, G, U but not the product P = act(G) * U (the down projection's input, which a
+separate linear would save for its weight gradient): its backward recomputes P in the element-wise
+pass that forms dG and dU (one M x N store more), dW_down = dY^T P. Measured on the H100, Llama
+12L d1024 ffn 3584 B4 T2048: 0.70 GB less peak memory per train step. Its time cost was not
+isolated (the hosts of two runs differed by more); by traffic it is ~20 us per layer (58.7 MB
+stored at ~3 TB/s), ~0.5% of that step.
 
 x is (..., K) with any strides; weights are (N, K) as `nn.Linear` stores them and are read
 transposed through their strides (never copied). Activations come from `_activations.ACTIVATIONS`.

@@ -325,9 +325,8 @@ class SDPA(Pattern):
         if r:
             return r
         if m.flags["repeat"]:
-            r = _repeat_kv_problem(m, q.shape[1], k.shape[1])
-            if r:
-                return r
+            if _repeat_kv_problem(m, q.shape[1], k.shape[1]):
+                return NOT_THIS_VARIANT  # an expand + reshape that is not repeat_kv: the plain spelling applies
         elif not m["gqa"] and not dim_eq(k.shape[1], q.shape[1]):
             return "k has fewer heads than q and enable_gqa is False"
         causal, p, c = m["causal"], m["p"], m["c"]

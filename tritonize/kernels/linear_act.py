@@ -1370,6 +1370,21 @@ def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, acti
     return out
 
 
+def _check_w_down(x, w_gate, w_down):
+    # attribute reads for the valid call (this runs every step); the detailed checks, which build
+    # their messages eagerly, only when something is off
+    if (isinstance(w_down, torch.Tensor) and w_down.dtype == x.dtype and w_down.device == x.device
+            and w_down.dim() == 2 and w_down.shape[1] == w_gate.shape[0]):
+        return
+    check_tensor("gated_mlp", "w_down", w_down)
+    if w_down.dtype != x.dtype:
+        raise TypeError(f"tritonize.gated_mlp: argument 'w_down' has dtype {w_down.dtype} but x has {x.dtype}; "
+                        "they must match")
+    check_same_device("gated_mlp", x=x, w_down=w_down)
+    check_arg("gated_mlp", "w_down", w_down.dim() == 2 and w_down.shape[1] == w_gate.shape[0],
+              f"must be 2-D (D, N) with N = w_gate.shape[0] = {w_gate.shape[0]}, got shape {tuple(w_down.shape)}")
+
+
 def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
               activation: str = "silu"):
     """(act(x @ w_gate^T) * (x @ w_up^T)) @ w_down^T: a whole SwiGLU / GeGLU MLP (Llama's
@@ -1378,13 +1393,7 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     down projection's input) is recomputed in backward instead of saved: M x N less memory."""
     check_activation("gated_mlp", activation)
     _check_linear("gated_mlp", x, {"w_gate": w_gate, "w_up": w_up})
-    check_tensor("gated_mlp", "w_down", w_down)
-    if w_down.dtype != x.dtype:
-        raise TypeError(f"tritonize.gated_mlp: argument 'w_down' has dtype {w_down.dtype} but x has {x.dtype}; "
-                        "they must match")
-    check_same_device("gated_mlp", x=x, w_down=w_down)
-    check_arg("gated_mlp", "w_down", w_down.dim() == 2 and w_down.shape[1] == w_gate.shape[0],
-              f"must be 2-D (D, N) with N = w_gate.shape[0] = {w_gate.shape[0]}, got shape {tuple(w_down.shape)}")
+    _check_w_down(x, w_gate, w_down)
     if x.numel() == 0 or w_gate.numel() == 0 or w_down.numel() == 0:
         return gated_mlp_reference(x, w_gate, w_up, w_down, activation)  # nothing to launch
     needs_grad = torch.is_grad_enabled() and (

@@ -526,15 +526,15 @@ def linear_cross_entropy(
     # format their messages eagerly and run only when something is off (or for rarer arguments).
     if not (
         _tensors_ok(hidden, weight, target, bias)
-        and logit_softcap is None and normalizer is None and chunk_size is None
+        and logit_softcap is None and normalizer is None and (chunk_size is None or chunk_size == "wide")
         and target.shape == hidden.shape[:-1]
         and reduction in REDUCTIONS and type(ignore_index) is int
         and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
     ):
         _check_detailed(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, logit_softcap,
                         normalizer, chunk_size)
-        if chunk_size == "wide":
-            chunk_size = WIDE
+    if chunk_size == "wide":  # drop_logits passes it on every step: accepted by the fast check above
+        chunk_size = WIDE
     v = weight.shape[0]
     check_targets(op, target, v, ignore_index)  # CPU targets only: returns at once for CUDA ones
     norm_t, scale = prepare_normalizer(op, normalizer, hidden.device)

@@ -354,8 +354,9 @@ class SDPA(Pattern):
         m.torch_fused = sdpa_policy() == "auto" and q.device.type == "cuda" \
             and q.dtype in (torch.float16, torch.bfloat16) and static_int(D) is not None \
             and static_int(D) % 8 == 0 and static_int(D) <= 256
-        kept = m.torch_fused and (m.causal_mask or m.get("m") is None)
-        if kept and m.flags["repeat"] and not m.options.get("gqa_fold"):
+        # torch's fused SDPA stays (no mask tensor left): read again by note() and replace()
+        m.kept = m.torch_fused and (m.causal_mask or m.get("m") is None)
+        if m.kept and m.flags["repeat"] and not m.options.get("gqa_fold"):
             # torch 2.11's cuDNN SDPA runs GQA slower than on repeated heads (H100, Llama's
             # B4 H16/8 T2048 D64: 0.64 vs 0.50 ms fwd+bwd): keep the repeat unless memory is the aim
             return NOT_THIS_VARIANT
@@ -368,9 +369,7 @@ class SDPA(Pattern):
         if m.causal_mask:
             notes.append("constant mask proven causal: is_causal=True" + (" (torch's fused SDPA)" if m.torch_fused else ""))
         if m.flags["repeat"]:
-            notes.append("repeat_kv folded: k, v keep their kv heads" + (" (SDPA enable_gqa=True)" if m.torch_fused
-                                                                           and (m.causal_mask or m.get("m") is None)
-                                                                           else ""))
+            notes.append("repeat_kv folded: k, v keep their kv heads" + (" (SDPA enable_gqa=True)" if m.kept else ""))
         return "; ".join(notes)
 
     def replace(self, m, fn):
@@ -379,7 +378,7 @@ class SDPA(Pattern):
         if m.causal_mask:
             m["m"].meta["tritonize_drop_if_dead"] = True  # its construction goes once no site reads it
         gqa = True if m.flags["repeat"] else m["gqa"]
-        if m.torch_fused and (m.causal_mask or m.get("m") is None):
+        if m.kept:
             # the same SDPA call minus the mask (its fused kernel runs) and minus repeat_kv
             return [m.call(F.scaled_dot_product_attention, m["q"], m["k"], m["v"], None, p,
                            True if m.causal_mask else m["causal"], scale=c, enable_gqa=gqa)]

@@ -89,6 +89,43 @@ def test_returned_logits_still_fuse_the_loss():
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_returned_logits_gradient_outside_the_compiled_graph():
+    """rest="inductor" (AOTAutograd): the returned logits leave the compiled graph detached and get
+    F.linear's gradient back outside it, so a step that differentiates only the loss runs no
+    (N, V)-deep backward matmul on AOTAutograd's materialised zero gradient. Both uses stay exact:
+    the loss alone, and loss + 2 * logits.sum() (check_parity)."""
+    h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
+    labels[1, 1] = -100
+    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 1}, rest="inductor")
+    site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
+    assert "outside the compiled graph" in site.note, site.note
+    model = LMHead(True).to(DEVICE)
+    ref = copy.deepcopy(model)
+    tritonize(model, rest="inductor")
+    h, labels = h.to(DEVICE), labels.to(DEVICE)
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (la, za), (lb, zb) = model(ha, labels), ref(hb, labels)
+    assert type(za.grad_fn).__name__ == "_ReturnedLogitsGradBackward", type(za.grad_fn).__name__
+    torch.testing.assert_close(za, zb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ha.grad, hb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    # the logits alone (a distillation-style second loss), with a bias on the head
+    model = LMHead(True).to(DEVICE)
+    model.lm_head.bias = nn.Parameter(torch.randn(V, device=DEVICE))
+    ref = copy.deepcopy(model)
+    tritonize(model, rest="inductor")
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (_, za), (_, zb) = model(ha, labels), ref(hb, labels)
+    (za.float() ** 2).sum().backward()
+    (zb.float() ** 2).sum().backward()
+    torch.testing.assert_close(ha.grad, hb.grad, atol=1e-4, rtol=1e-4)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_drop_logits_in_training_keeps_them_in_eval():
     """tritonize(drop_logits=True): in training mode the returned logits are an empty tensor (the
     loss and every gradient unchanged); in eval mode the same model returns full logits (the entry

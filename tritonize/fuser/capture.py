@@ -93,18 +93,23 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     if not isinstance(cudagraphs, bool):
         raise TypeError(f"tritonize: cudagraphs must be True or False, got {cudagraphs!r}")
     pats = select_patterns(patterns, exclude)
+    aot = rest == "inductor" or cudagraphs  # the rewritten graph goes through AOTAutograd
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)
         try:
             transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
-                                                 "gqa_fold": bool(gqa_fold)})
+                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot})
+            lazy = lift_returned_logits(gm) if aot else None
         except Exception as e:  # a bug in the pass must not break the user's model
             if strict:
                 raise
             warnings.warn(f"tritonize: rewriting a captured graph failed ({type(e).__name__}: {e}); "
                           "that graph runs unmodified", stacklevel=2)
-            gm = backup
+            gm, lazy = backup, None
+        return attach_returned_logits(compile_rest(gm, example_inputs), lazy)
+
+    def compile_rest(gm, example_inputs):
         graphs = False
         if cudagraphs:
             why = cudagraph_blocker(gm)
@@ -115,7 +120,11 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
             from torch._inductor.compile_fx import compile_fx
 
             register_inductor_fallbacks()
+            from tritonize.fuser import thin_ops
+
             patches = {"triton.cudagraphs": True} if graphs else {}
+            if thin_ops.enabled():
+                return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=thin_ops.inner_compile)
             return compile_fx(gm, example_inputs, config_patches=patches)
         if graphs:
             return cudagraphed(gm, example_inputs, declined=lambda why: report.set_cudagraph_note(
@@ -123,6 +132,53 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         return gm.forward
 
     return tritonize_compiler
+
+
+def lift_returned_logits(gm: fx.GraphModule):
+    """Returned LM-head logits that the rewrite detached (patterns/cross_entropy.py marks them
+    with meta "tritonize_logits_of" = (hidden, weight, bias)): append those inputs of the LM head
+    to the graph's outputs. Returns (number of original outputs, [(positions, first extra, has
+    bias)]) for attach_returned_logits, or None when there are none."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outs = out.args[0]
+    if not isinstance(outs, (tuple, list)):
+        return None
+    groups: dict = {}
+    for i, a in enumerate(outs):
+        if isinstance(a, fx.Node) and "tritonize_logits_of" in a.meta:
+            groups.setdefault(a, []).append(i)
+    if not groups:
+        return None
+    extra, spec = [], []
+    for node, positions in groups.items():
+        h, w, b = node.meta["tritonize_logits_of"]
+        spec.append((tuple(positions), len(outs) + len(extra), b is not None))
+        extra += [h, w] + ([b] if b is not None else [])
+    out.args = (type(outs)(list(outs) + extra),)
+    gm.recompile()
+    return len(outs), spec
+
+
+def attach_returned_logits(fn, lazy):
+    """Wrap a compiled graph whose returned logits were lifted (lift_returned_logits): strip the
+    extra outputs and give each returned logits tensor the LM head's gradient again, as an eager
+    autograd node that runs only when something differentiates the logits."""
+    if lazy is None:
+        return fn
+    n_out, spec = lazy
+    from tritonize.kernels.linear_cross_entropy import attach_logits_grad
+
+    def run(*args):  # Dynamo calls a backend's function unboxed (its `_boxed_call`, copied by
+        res = fn(*args)  # functools.wraps from AOTAutograd's inner function, does not apply here)
+        outs = list(res[:n_out])
+        for positions, first, has_bias in spec:
+            h, w = res[first], res[first + 1]
+            b = res[first + 2] if has_bias else None
+            for p in positions:
+                outs[p] = attach_logits_grad(outs[p], h, w, b)
+        return type(res)(outs) if isinstance(res, tuple) else outs
+
+    return run
 
 
 def cudagraph_blocker(gm: fx.GraphModule) -> str | None:

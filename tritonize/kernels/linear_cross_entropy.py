@@ -720,6 +720,37 @@ def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
 _lce_logits_fwd_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
 
 
+class _ReturnedLogitsGrad(torch.autograd.Function):
+    """Identity on logits = F.linear(hidden, weight, bias) that were computed without autograd;
+    its backward is F.linear's: dh = g @ W, dW = g^T @ h, db = sum(g). Used by the compiled
+    (AOTAutograd) paths, where the returned logits leave the graph detached (see
+    fuser/capture.attach_returned_logits): this node runs only when something differentiates them."""
+
+    @staticmethod
+    def forward(ctx, logits, hidden, weight, bias):
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, weight.shape[0])
+        dh = (g2 @ weight).view(hidden.shape) if ctx.needs_input_grad[1] else None
+        dw = g2.t() @ hidden.reshape(-1, hidden.shape[-1]) if ctx.needs_input_grad[2] else None
+        db = g2.sum(0, dtype=torch.float32).to(g.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return None, dh, dw, db
+
+
+def attach_logits_grad(logits, hidden, weight, bias=None):
+    """`logits` (detached, = F.linear(hidden, weight, bias)) with the LM head's gradient attached;
+    as is when nothing requires grad."""
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return logits
+    return _ReturnedLogitsGrad.apply(logits, hidden, weight, bias)
+
+
 def linear_cross_entropy_with_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,

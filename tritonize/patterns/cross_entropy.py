@@ -69,6 +69,10 @@ def _ce_guard(m, logits_val, expect_2d=True):
     return None
 
 
+def _requires_grad(m, *names) -> bool:
+    return any(getattr(m.val(n), "requires_grad", False) for n in names if m.get(n) is not None)
+
+
 def _cast_back(m, node):
     out = m.out_val(0)
     if out is not None and out.dtype != torch.float32:
@@ -246,9 +250,21 @@ class LinearCrossEntropy(Pattern):
             both = m.call(kernel_fn("linear_cross_entropy", "linear_cross_entropy_with_logits"),
                           h, m["w"], m["t"], m["b"], m["ii"], m["red"])
             logits = m.getitem(both, 1)
+            m.note = "logits returned: written by the fused LM head + loss (one matmul pass)"
+            if m.options.get("lazy_logits_grad") and all(u.op == "output" for u in outside) and \
+                    _requires_grad(m, "h", "w", "b"):
+                # The graph goes through AOTAutograd, which hands the backward a materialised
+                # ZERO gradient for every returned output the caller did not differentiate: the
+                # returned logits' backward (two (N, V)-deep matmuls) would then run on zeros
+                # every step (Llama 12L, V 128256: ~6 ms of a 45 ms step on the H100). So the graph
+                # returns them detached, with the LM head's inputs as extra outputs, and the
+                # backend re-attaches their gradient OUTSIDE the compiled graph
+                # (capture.attach_returned_logits): it runs only when something differentiates them.
+                logits = m.method("detach", logits)
+                logits.meta["tritonize_logits_of"] = (h, m["w"], m["b"])
+                m.note += "; their gradient, if any, formed outside the compiled graph"
             for u in outside:
                 u.replace_input_with(lin, logits)
-            m.note = "logits returned: written by the fused LM head + loss (one matmul pass)"
             return [_cast_back(m, m.getitem(both, 0))]
         hv = m.val("h")
         if hv.dim() != 2:

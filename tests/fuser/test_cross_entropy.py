@@ -35,13 +35,16 @@ def test_cross_entropy_spellings():
 
 
 class LMHead(nn.Module):
-    def __init__(self, return_logits, spelling="hf"):
+    def __init__(self, return_logits, spelling="hf", prenorm=False):
         super().__init__()
+        self.norm = nn.LayerNorm(16) if prenorm else None
         self.lm_head = nn.Linear(16, V, bias=False)
         self.return_logits = return_logits
         self.spelling = spelling
 
     def forward(self, h, labels):
+        if self.norm is not None:  # the head's input is then a rewritten node (our layer_norm)
+            h = self.norm(h)
         logits = self.lm_head(h)
         labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
         if self.spelling == "hf":  # transformers' ForCausalLMLoss: upcast, shift the labels, flatten
@@ -96,7 +99,8 @@ def test_returned_logits_gradient_outside_the_compiled_graph():
     the loss alone, and loss + 2 * logits.sum() (check_parity)."""
     h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
     labels[1, 1] = -100
-    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 1}, rest="inductor")
+    rep = check_parity(LMHead(True, prenorm=True), [h, labels], {"linear_cross_entropy": 1, "layer_norm": 1},
+                       rest="inductor")
     site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
     assert "outside the compiled graph" in site.note, site.note
     model = LMHead(True).to(DEVICE)

@@ -139,6 +139,8 @@ def test_inductor_rest_gpt2_dropout_and_bert_padding():
     out1.loss.backward()
     out2 = model(**batch)
     assert torch.isfinite(out1.loss) and not torch.equal(out1.logits, out2.logits)  # fresh masks per step
+    # the returned logits left the compiled graph detached; their gradient is attached outside it
+    assert type(out2.logits.grad_fn).__name__ == "_ReturnedLogitsGradBackward", out2.logits.grad_fn
     # our ops are explicit Inductor fallbacks (the implicit path formats the whole IR on torch <= 2.11)
     from torch._inductor.lowering import lowerings
 

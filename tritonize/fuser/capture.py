@@ -134,29 +134,38 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     return tritonize_compiler
 
 
+def lazy_logits(logits, hidden, weight, bias):
+    """In a rewritten graph: the returned LM-head logits, detached (patterns/cross_entropy.py).
+    hidden/weight/bias are arguments so that the graph keeps them current when later rewrites
+    replace those nodes; lift_returned_logits turns them into extra graph outputs."""
+    return logits.detach()
+
+
 def lift_returned_logits(gm: fx.GraphModule):
-    """Returned LM-head logits that the rewrite detached (patterns/cross_entropy.py marks them
-    with meta "tritonize_logits_of" = (hidden, weight, bias)): append those inputs of the LM head
-    to the graph's outputs. Returns (number of original outputs, [(positions, first extra, has
-    bias)]) for attach_returned_logits, or None when there are none."""
+    """For each `lazy_logits` node (see above) whose only users are the graph's output: append
+    the LM head's inputs to the graph's outputs. Returns (number of original outputs,
+    [(positions, first extra, has bias)]) for attach_returned_logits, or None when there are none.
+    A `lazy_logits` node used otherwise is undone (the in-graph gradient is exact, only slower)."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     outs = out.args[0]
-    if not isinstance(outs, (tuple, list)):
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is lazy_logits]
+    if not nodes:
         return None
-    groups: dict = {}
-    for i, a in enumerate(outs):
-        if isinstance(a, fx.Node) and "tritonize_logits_of" in a.meta:
-            groups.setdefault(a, []).append(i)
-    if not groups:
-        return None
+    liftable = isinstance(outs, (tuple, list))
     extra, spec = [], []
-    for node, positions in groups.items():
-        h, w, b = node.meta["tritonize_logits_of"]
+    for node in nodes:
+        positions = [i for i, a in enumerate(outs) if a is node] if liftable else []
+        if not positions or any(u is not out for u in node.users):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            continue
+        _logits, h, w, b = node.args
         spec.append((tuple(positions), len(outs) + len(extra), b is not None))
         extra += [h, w] + ([b] if b is not None else [])
-    out.args = (type(outs)(list(outs) + extra),)
+    if extra:
+        out.args = (type(outs)(list(outs) + extra),)
     gm.recompile()
-    return len(outs), spec
+    return (len(outs), spec) if spec else None
 
 
 def attach_returned_logits(fn, lazy):

@@ -260,8 +260,9 @@ class LinearCrossEntropy(Pattern):
                 # returns them detached, with the LM head's inputs as extra outputs, and the
                 # backend re-attaches their gradient OUTSIDE the compiled graph
                 # (capture.attach_returned_logits): it runs only when something differentiates them.
-                logits = m.method("detach", logits)
-                logits.meta["tritonize_logits_of"] = (h, m["w"], m["b"])
+                from tritonize.fuser.capture import lazy_logits
+
+                logits = m.call(lazy_logits, logits, h, m["w"], m["b"])
                 m.note += "; their gradient, if any, formed outside the compiled graph"
             for u in outside:
                 u.replace_input_with(lin, logits)

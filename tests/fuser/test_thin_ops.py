@@ -36,7 +36,9 @@ def test_inductor_graphs_call_the_thin_ops(monkeypatch):
         return n
 
     monkeypatch.setattr(thin_ops, "retarget", spy)
-    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 1}, atol=1e-4, rtol=1e-4, rest="inductor")
+    # linear_act named explicitly: rest="inductor" leaves it to Inductor by default (next test)
+    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 1}, atol=1e-4, rtol=1e-4, rest="inductor",
+                       patterns=["linear_act", "norm"])
     assert rep.count("layer_norm") + rep.count("add_layer_norm") == 2
     assert len(seen) == 2, "expected a forward and a backward graph"
     for n, targets in seen:
@@ -58,3 +60,10 @@ def test_thin_op_twin_has_the_schema_and_runs_the_function():
     x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
     for got, want in zip(twin(x, None, w, b, 1e-5), op(x, None, w, b, 1e-5)):
         torch.testing.assert_close(got, want)
+
+
+def test_inductor_rest_leaves_plain_linear_act_to_inductor_and_says_why():
+    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 0}, atol=1e-4, rtol=1e-4, rest="inductor")
+    (site, reason), = rep.skipped("linear_act")
+    assert "left to Inductor" in reason and "patterns=" in reason, (site, reason)
+    assert rep.count("layer_norm") + rep.count("add_layer_norm") == 2  # the rest still fuses

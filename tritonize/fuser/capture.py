@@ -94,12 +94,16 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         raise TypeError(f"tritonize: cudagraphs must be True or False, got {cudagraphs!r}")
     pats = select_patterns(patterns, exclude)
     aot = rest == "inductor" or cudagraphs  # the rewritten graph goes through AOTAutograd
+    # patterns that decline with a reason in rest="inductor" unless the user named them (see
+    # patterns/linear_act.py LEFT_TO_INDUCTOR for the measurement)
+    leave = ("linear_act",) if rest == "inductor" and patterns is None else ()
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)
         try:
             transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
-                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot})
+                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot,
+                                                 "leave_to_inductor": leave})
             lazy = lift_returned_logits(gm) if aot else None
         except Exception as e:  # a bug in the pass must not break the user's model
             if strict:

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--cheap-errors", action="store_true", help="short Inductor lowering errors (see below)")
     p.add_argument("--cudagraphs", action="store_true",
                    help="tritonize(cudagraphs=True), or torch.compile(mode='reduce-overhead')")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="torch.cuda.set_sync_debug_mode('warn') after the warm-up: every call that "
+                        "synchronizes the host with the GPU warns, with its stack (a host stall's cause)")
     args = p.parse_args(argv)
 
     spec = (QUICK if args.quick else FULL)[args.model]
@@ -97,6 +100,14 @@ def main(argv=None) -> int:
 
     print("counters:", {k: dict(v) for k, v in counters.items() if v})
 
+    if args.sync_debug and dev == "cuda":
+        import warnings
+
+        warnings.simplefilter("always")  # one warning per synchronizing call, not one per site
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+        sync()
     # Wall per step, and host time to issue one step when the GPU is not waited on.
     t0 = time.perf_counter()
     for _ in range(args.steps):

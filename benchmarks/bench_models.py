@@ -11,7 +11,8 @@ Rows (implementations), in this order in the table:
   liger             Liger's monkey patch for the model type (before the model is built), where
                     Liger supports it (Llama yes; GPT-2 and BERT: no, reported as unsupported)
   tritonize         tritonize(model)
-  tritonize+inductor  tritonize(model, rest="inductor")
+  tritonize+inductor  tritonize(model, rest="inductor") (since session 5 that mode leaves plain
+                    linear -> activation to Inductor; gated MLPs stay ours)
   compile(tritonize)  torch.compile(model, backend="tritonize")
   tritonize+cudagraphs  tritonize(model, cudagraphs=True): rewritten graphs replayed as CUDA graphs
   tritonize+inductor+cudagraphs  tritonize(model, rest="inductor", cudagraphs=True)

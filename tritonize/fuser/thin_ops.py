@@ -60,10 +60,23 @@ def thin_op(op):
     return twin
 
 
+def _functionalized_hops() -> tuple:
+    """The higher-order ops that wrap an op writing into its arguments after functionalization
+    (their first argument is the op): auto_functionalized, and its v2 where torch has it."""
+    hops = []
+    for name in ("auto_functionalized", "auto_functionalized_v2"):
+        try:
+            hops.append(getattr(torch.ops.higher_order, name))
+        except AttributeError:
+            pass
+    return tuple(hops)
+
+
 def retarget(gm: fx.GraphModule) -> int:
     """Point every call of a `tritonize::` op in a post-AOTAutograd graph (also inside
     auto_functionalized, for the ops that write into an argument) at its thin twin."""
     n = 0
+    hops = _functionalized_hops()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -71,9 +84,9 @@ def retarget(gm: fx.GraphModule) -> int:
         if twin is not None:
             node.target = twin
             n += 1
-        elif node.args and isinstance(node.args[0], torch._ops.OpOverload):
+        elif node.target in hops and node.args:
             twin = thin_op(node.args[0])
-            if twin is not None and "auto_functionalized" in str(node.target):
+            if twin is not None:
                 node.args = (twin, *node.args[1:])
                 n += 1
     if n:

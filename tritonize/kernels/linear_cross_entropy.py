@@ -744,7 +744,8 @@ class _ReturnedLogitsGrad(torch.autograd.Function):
 
 def attach_logits_grad(logits, hidden, weight, bias=None):
     """`logits` (detached, = F.linear(hidden, weight, bias)) with the LM head's gradient attached;
-    as is when nothing requires grad."""
+    as is when nothing requires grad. The result is a view made inside an autograd Function, so
+    autograd refuses an in-place change of it (e.g. `logits /= t`; use `logits = logits / t`)."""
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return logits

@@ -37,26 +37,37 @@ def thin_op(op):
         return _THIN[op]
     twin = None
     if isinstance(op, torch._ops.OpOverload) and op.namespace == "tritonize":
-        from torch._library.custom_ops import OPDEFS
-
-        opdef = OPDEFS.get(op._schema.name)
-        if opdef is not None and opdef._abstract_fn is not None and op._overloadname == "default":
-            name = op._schema.name.split("::", 1)[1]
-            if not _LIB:
-                _LIB.append(torch.library.Library(_NS, "DEF"))
-            lib = _LIB[0]
-            lib.define(str(op._schema).split("::", 1)[1])
-            for key in ("CUDA", "CPU"):
-                lib.impl(name, opdef._init_fn, key)
-            torch.library.register_fake(f"{_NS}::{name}", opdef._abstract_fn, lib=lib)
-            twin = getattr(getattr(torch.ops, _NS), name).default
-            try:
-                from torch._inductor.lowering import make_fallback
-
-                make_fallback(twin, warn=False)  # as register_inductor_fallbacks does for the originals
-            except Exception:  # noqa: BLE001 - an optimisation only
-                pass
+        try:
+            twin = _define_twin(op)
+        except Exception:  # noqa: BLE001 - a torch without these internals: keep the custom op
+            twin = None
     _THIN[op] = twin
+    return twin
+
+
+def _define_twin(op):
+    """Define `tritonize_fast::<name>` beside a `tritonize::<name>` custom op (None if it has no
+    custom-op definition with a fake, or is not the default overload)."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(op._schema.name)
+    if opdef is None or opdef._abstract_fn is None or op._overloadname != "default":
+        return None
+    name = op._schema.name.split("::", 1)[1]
+    if not _LIB:
+        _LIB.append(torch.library.Library(_NS, "DEF"))
+    lib = _LIB[0]
+    lib.define(str(op._schema).split("::", 1)[1])
+    for key in ("CUDA", "CPU"):
+        lib.impl(name, opdef._init_fn, key)
+    torch.library.register_fake(f"{_NS}::{name}", opdef._abstract_fn, lib=lib)
+    twin = getattr(getattr(torch.ops, _NS), name).default
+    try:
+        from torch._inductor.lowering import make_fallback
+
+        make_fallback(twin, warn=False)  # as register_inductor_fallbacks does for the originals
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
     return twin
 
 

@@ -696,6 +696,16 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, dh, dw, db)
 
 
+def _linear_backward(g, hidden, weight, need_dh, need_dw, need_db, db_dtype):
+    """F.linear's backward for a gradient g (..., V) on logits = F.linear(hidden, weight, bias):
+    fresh (dh | None, dW | None, db | None), db summed in fp32."""
+    g2 = g.reshape(-1, weight.shape[0])
+    dh = (g2 @ weight).view(hidden.shape) if need_dh else None
+    dw = g2.t() @ hidden.reshape(-1, hidden.shape[-1]) if need_dw else None
+    db = g2.sum(0, dtype=torch.float32).to(db_dtype) if need_db else None
+    return dh, dw, db
+
+
 def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
     """As _LinearCrossEntropyLogitsFn.backward: the saved gradients scaled by grad_loss (in place,
     the custom op), plus F.linear's backward for a gradient on the returned logits."""
@@ -706,13 +716,11 @@ def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
         grad_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     _lce_bwd_op(dh, dw, db, grad_loss)
     if grad_logits is not None:
-        g2 = grad_logits.reshape(-1, weight.shape[0])
-        if need_dh:
-            dh = dh + (g2 @ weight).view(hidden.shape)
-        if need_dw:
-            dw = dw + g2.t() @ hidden.reshape(-1, hidden.shape[-1])
-        if need_db and db.numel():
-            db = db + g2.sum(0, dtype=torch.float32).to(db.dtype)
+        ldh, ldw, ldb = _linear_backward(grad_logits, hidden, weight, need_dh, need_dw, need_db and db.numel() > 0,
+                                         db.dtype)
+        dh = dh if ldh is None else dh + ldh
+        dw = dw if ldw is None else dw + ldw
+        db = db if ldb is None else db + ldb
     return (dh if need_dh else None, dw if need_dw else None, None,
             db if need_db and db.numel() else None, None, None, None, None, None)
 
@@ -735,11 +743,8 @@ class _ReturnedLogitsGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hidden, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, weight.shape[0])
-        dh = (g2 @ weight).view(hidden.shape) if ctx.needs_input_grad[1] else None
-        dw = g2.t() @ hidden.reshape(-1, hidden.shape[-1]) if ctx.needs_input_grad[2] else None
-        db = g2.sum(0, dtype=torch.float32).to(g.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return None, dh, dw, db
+        need = ctx.needs_input_grad
+        return (None, *_linear_backward(g, hidden, weight, need[1], need[2], ctx.has_bias and need[3], g.dtype))
 
 
 def attach_logits_grad(logits, hidden, weight, bias=None):

@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="tritonize", choices=[i for i in IMPLS if i != "liger"])
     p.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
     p.add_argument("--exclude", default="", help="comma list of pattern names tritonize leaves alone")
+    p.add_argument("--patterns", default="",
+                   help="comma list of pattern names/families to apply (tritonize's patterns=; default all; "
+                        "naming linear_act keeps it in rest='inductor')")
+    p.add_argument("--trace", default="", help="write a Chrome trace (with Python stacks) of the profiled steps here")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--stacks", type=float, default=0.0, help="dump stacks every S seconds during the first step")
@@ -59,6 +63,8 @@ def main(argv=None) -> int:
     extra = {}
     if impl.startswith("tritonize"):
         extra = {"exclude": tuple(x for x in args.exclude.split(",") if x)}
+        if args.patterns:
+            extra["patterns"] = tuple(x for x in args.patterns.split(",") if x)
         if args.cudagraphs:
             extra["cudagraphs"] = True
     runner = make_runner(model, impl, **extra)
@@ -98,6 +104,17 @@ def main(argv=None) -> int:
         print(f"step {i}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
     from torch._dynamo.utils import counters
 
+    if args.impl.startswith("tritonize"):
+        # direct launches that fell back to Triton's own (slow) path, and why: a kernel that does so
+        # every step costs 30-80 us of host time per call
+        import gc
+
+        from tritonize.kernels._launch import FastKernel
+
+        for fk in (o for o in gc.get_objects() if isinstance(o, FastKernel)):
+            if fk.fallbacks:
+                print(f"fast-launch fallbacks {getattr(fk.jit, '__name__', fk)}: {fk.fallbacks}")
+
     print("counters:", {k: dict(v) for k, v in counters.items() if v})
 
     if args.sync_debug and dev == "cuda":
@@ -120,7 +137,7 @@ def main(argv=None) -> int:
     if dev == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.trace)) as prof:
             for _ in range(args.steps):
                 step()
             sync()
@@ -130,6 +147,20 @@ def main(argv=None) -> int:
         print(f"GPU kernel time {gpu_us / 1e3:.2f} ms/step = {gpu_us / 1e3 / wall_ms:.0%} of wall "
               f"(sum of kernel durations; overlapping kernels count twice)")
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
+        # CUDA runtime/driver calls by host time: a call that blocks (cudaStreamSynchronize,
+        # cudaMemcpy, cudaMalloc/cudaFree, a full launch queue) shows as a long cuda* row here
+        agg = {}
+        for e in prof.events():
+            if e.name.startswith(("cuda", "cu")) and e.device_type == torch.autograd.DeviceType.CPU:
+                d = e.time_range.elapsed_us()
+                n, tot, mx = agg.get(e.name, (0, 0.0, 0.0))
+                agg[e.name] = (n + 1, tot + d, max(mx, d))
+        print("CUDA API calls by host time: name, calls/step, ms/step, longest call us")
+        for name, (n, tot, mx) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"  {name:40s} {n / args.steps:8.1f} {tot / 1e3 / args.steps:9.2f} {mx:10.1f}")
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
+            print(f"trace written: {args.trace}")
 
     pr = cProfile.Profile()
     pr.enable()

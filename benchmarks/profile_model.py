@@ -107,14 +107,16 @@ def main(argv=None) -> int:
     if args.impl.startswith("tritonize"):
         # direct launches that fell back to Triton's own (slow) path, and why: a kernel that does so
         # every step costs 30-80 us of host time per call
-        import gc
+        import pkgutil
 
+        import tritonize.kernels as K
         from tritonize.kernels._launch import FastKernel
 
-        for fk in (o for o in gc.get_objects() if isinstance(o, FastKernel)):
-            if fk.fallbacks:
-                print(f"fast-launch fallbacks {getattr(fk.jit, '__name__', fk)}: {fk.fallbacks}")
-
+        for info in pkgutil.iter_modules(K.__path__):
+            mod = sys.modules.get(f"tritonize.kernels.{info.name}")
+            for name, fk in vars(mod).items() if mod is not None else ():
+                if isinstance(fk, FastKernel) and fk.fallbacks:
+                    print(f"fast-launch fallbacks {info.name}.{name}: {fk.fallbacks}")
     print("counters:", {k: dict(v) for k, v in counters.items() if v})
 
     if args.sync_debug and dev == "cuda":

@@ -10,7 +10,10 @@ Rows (implementations), in this order in the table:
   torch.compile     torch.compile(model)
   liger             Liger's monkey patch for the model type (before the model is built), where
                     Liger supports it (Llama yes; GPT-2 and BERT: no, reported as unsupported)
-  tritonize         tritonize(model)
+  tritonize         tritonize(model) (since session 6 the returned logits are deferred: computed
+                    only if read, see tritonize(defer_logits=))
+  tritonize+logits  tritonize(model, defer_logits=False): the logits computed every step (the
+                    session-5 default; the A/B row for deferral)
   tritonize+inductor  tritonize(model, rest="inductor") (since session 5 that mode leaves plain
                     linear -> activation to Inductor; gated MLPs stay ours)
   compile(tritonize)  torch.compile(model, backend="tritonize")
@@ -70,11 +73,11 @@ import time
 
 IMPLS = ["eager", "torch.compile", "liger", "tritonize", "tritonize+inductor", "compile(tritonize)",
          "compile+cudagraphs", "tritonize+cudagraphs", "tritonize+inductor+cudagraphs", "tritonize+drop_logits",
-         "tritonize+inductor-lean"]
+         "tritonize+inductor-lean", "tritonize+logits"]
 # Process order: Liger last (global class patching; also isolated by its own subprocess).
 RUN_ORDER = ["eager", "tritonize", "torch.compile", "tritonize+cudagraphs", "compile+cudagraphs",
              "tritonize+inductor", "tritonize+inductor+cudagraphs", "compile(tritonize)", "tritonize+drop_logits",
-             "tritonize+inductor-lean", "liger"]
+             "tritonize+inductor-lean", "tritonize+logits", "liger"]
 # (most important rows first: if the budget runs out, what is skipped is the end of the list)
 MODELS = ["gpt2", "llama", "bert"]
 
@@ -165,6 +168,7 @@ TRITONIZE_OPTIONS = {
     "tritonize+inductor+cudagraphs": {"rest": "inductor", "cudagraphs": True},
     "tritonize+drop_logits": {"drop_logits": True},
     "tritonize+inductor-lean": {"rest": "inductor", "patterns": ("cross_entropy", "attention")},
+    "tritonize+logits": {"defer_logits": False},
 }
 
 

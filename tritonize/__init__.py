@@ -18,7 +18,8 @@ def tritonize(model, **options):
     """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
 
     Options (see `tritonize.fuser.api.tritonize`): patterns=None, exclude=(), rest="eager",
-    strict=False, dynamic=None, cudagraphs=False, drop_logits=False.
+    strict=False, dynamic=None, cudagraphs=False, drop_logits=False, gqa_fold=None,
+    defer_logits=None.
     """
     from .fuser.api import tritonize as _tritonize
 

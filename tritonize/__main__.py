@@ -35,6 +35,8 @@ def _parse(argv: list[str]):
                    help="replay each rewritten graph as a CUDA graph (see tritonize(cudagraphs=True))")
     p.add_argument("--drop-logits", action="store_true",
                    help="training with labels: return empty logits, as Liger does (see tritonize(drop_logits=True))")
+    p.add_argument("--no-defer-logits", action="store_true",
+                   help="return computed logits, not logits computed on first read (see tritonize(defer_logits=False))")
     p.add_argument("--strict", action="store_true", help="raise where a model cannot be captured")
     p.add_argument("--report", action="store_true", help="print each model's full report at exit")
     p.add_argument("--no-summary", action="store_true", help="print nothing at exit")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         options["cudagraphs"] = True
     if args.drop_logits:
         options["drop_logits"] = True
+    if args.no_defer_logits:
+        options["defer_logits"] = False
     active = launcher.install(**options)
     if not active:
         print("tritonize: disabled (TRITONIZE=0); running the script unchanged", file=sys.stderr, flush=True)

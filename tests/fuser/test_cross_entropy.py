@@ -71,14 +71,15 @@ def test_returned_logits_still_fuse_the_loss():
     then the loss alone."""
     h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
     labels[0, 2] = -100
-    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 1, "cross_entropy": 0})
+    rep = check_parity(LMHead(True), [h, labels], {"linear_cross_entropy": 1, "cross_entropy": 0},
+                       defer_logits=False)
     assert rep.fused("linear_cross_entropy") == ["lm_head"] and rep.skipped() == []
     site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
     assert "one matmul pass" in site.note and "one matmul pass" in str(rep)
     # the loss alone: grads to hidden and weight from linear_cross_entropy only
     model = LMHead(True).to(DEVICE)
     ref = copy.deepcopy(model)
-    tritonize(model)
+    tritonize(model, defer_logits=False)
     h, labels = h.to(DEVICE), labels.to(DEVICE)
     ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
     (la, za), (lb, zb) = model(ha, labels), ref(hb, labels)
@@ -90,6 +91,49 @@ def test_returned_logits_still_fuse_the_loss():
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ha.grad, hb.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_returned_logits_deferred_by_default():
+    """Default (rest="eager", training): the returned logits are a DeferredLogits, computed on first
+    read; the loss comes from the lean fused LM head + loss. Checked: values and every gradient
+    against eager with loss + 2 * logits.sum() (check_parity), a loss-only step that never computes
+    the logits, logits read before optimizer.step() equal to eager's, and a read after it raising."""
+    from tritonize.kernels.deferred_logits import DeferredLogits
+
+    h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
+    labels[1, 3] = -100
+    rep = check_parity(LMHead(True, prenorm=True), [h, labels], {"linear_cross_entropy": 1, "layer_norm": 1})
+    site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
+    assert "logits deferred" in site.note, site.note
+    model = LMHead(True).to(DEVICE)
+    ref = copy.deepcopy(model)
+    tritonize(model)
+    h, labels = h.to(DEVICE), labels.to(DEVICE)
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (la, za), (lb, zb) = model(ha, labels), ref(hb, labels)
+    assert type(za) is DeferredLogits and not za.is_materialized
+    la.backward()
+    lb.backward()
+    assert not za.is_materialized  # the loss-only step never computed the (N, V) logits
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ha.grad, hb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    # read before the optimizer step: eager's values; read after it: a clear error
+    za2 = model(ha, labels)[1]
+    torch.testing.assert_close(za.argmax(-1), zb.argmax(-1))
+    torch.testing.assert_close(za, zb)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    with pytest.raises(RuntimeError, match="deferred"):
+        za2.argmax(-1)  # the first read
+    # opting out returns plain logits
+    plain = LMHead(True).to(DEVICE)
+    tritonize(plain, defer_logits=False)
+    assert type(plain(ha, labels)[1]) is torch.Tensor
+    with pytest.raises(ValueError, match="defer_logits"):
+        tritonize(LMHead(True), rest="inductor", defer_logits=True)
+    with pytest.raises(TypeError, match="defer_logits"):
+        tritonize(LMHead(True), defer_logits="yes")
 
 
 def test_returned_logits_gradient_outside_the_compiled_graph():

@@ -189,7 +189,7 @@ _counter = [0]
 
 def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager", strict: bool = False,
               dynamic: bool | None = None, cudagraphs: bool = False, drop_logits: bool = False,
-              gqa_fold: bool | None = None):
+              gqa_fold: bool | None = None, defer_logits: bool | None = None):
     """Rewrite `model`'s forward into fused Triton kernels; returns the same module object.
 
     patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
@@ -216,6 +216,16 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     0.4 GB less peak memory) but torch 2.11's cuDNN GQA backward is slower (8% of that step).
     None (default): on with drop_logits (the memory-lean mode), off otherwise. Calls that go to
     our attention kernel always take the kv heads as they are (its GQA costs nothing extra).
+    defer_logits: in training (gradients on), when the model computes its loss from its LM head
+    and only returns the logits, return them as a DeferredLogits (kernels/deferred_logits.py):
+    a tensor that computes F.linear(hidden, W, b) on its first read and then behaves as the real
+    logits (values, autograd, in-place ops, pickling). A loop that never reads them saves the
+    (tokens, vocab) matrix and its matmul; the loss comes from the lean fused LM head + loss.
+    Reading them after the LM head's weight (or the hidden states) changed in place since the
+    forward, e.g. after optimizer.step(), raises a RuntimeError instead of returning logits of the
+    new weight: read them before the step, or pass defer_logits=False. None (default): on with
+    rest="eager" and no cudagraphs; the AOTAutograd modes (rest="inductor", cudagraphs=True)
+    cannot return a tensor subclass and return computed logits (True there is an error).
     Tritonizing an already tritonized model is a no-op (untritonize first to change options).
     """
     if not isinstance(model, nn.Module):
@@ -227,8 +237,15 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     if gqa_fold is not None and not isinstance(gqa_fold, bool):
         raise TypeError(f"tritonize: gqa_fold must be True, False or None, got {gqa_fold!r}")
     gqa_fold = drop_logits if gqa_fold is None else gqa_fold
+    if defer_logits is not None and not isinstance(defer_logits, bool):
+        raise TypeError(f"tritonize: defer_logits must be True, False or None, got {defer_logits!r}")
+    aot = rest == "inductor" or cudagraphs is True
+    if defer_logits and aot:
+        raise ValueError("tritonize: defer_logits=True needs rest='eager' and cudagraphs=False (AOTAutograd "
+                         "cannot return the deferred tensor; those modes skip the logits' backward instead)")
+    defer_logits = (not aot) if defer_logits is None else defer_logits
     options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs,
-                   drop_logits=drop_logits, gqa_fold=gqa_fold)
+                   drop_logits=drop_logits, gqa_fold=gqa_fold, defer_logits=defer_logits)
     report = Report(type(model).__name__)
     ref = weakref.ref(model)
     report.set_module_names(lambda: [n for n, _ in ref().named_modules()] if ref() is not None else [])
@@ -236,7 +253,7 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     # in training mode: reading the flag at capture time is enough.
     in_training = (lambda: ref() is not None and ref().training) if drop_logits else None
     backend = make_backend(report, patterns=patterns, exclude=exclude, rest=rest, strict=strict, cudagraphs=cudagraphs,
-                           drop_logits=in_training, gqa_fold=gqa_fold)
+                           drop_logits=in_training, gqa_fold=gqa_fold, defer_logits=defer_logits)
     state = _State(model, report, options)
     _counter[0] += 1
     state.compiled = torch.compile(_entry_for(model, _counter[0], guard_training=drop_logits), backend=backend,

@@ -83,11 +83,11 @@ def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True, op
 
 
 def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False,
-                 drop_logits=None, gqa_fold=False):
+                 drop_logits=None, gqa_fold=False, defer_logits=False):
     """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
     drop_logits: None, or a callable telling at capture time whether returned LM-head logits may
-    be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold:
-    see `tritonize`."""
+    be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold,
+    defer_logits: see `tritonize`."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
     if not isinstance(cudagraphs, bool):
@@ -102,7 +102,8 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         backup = _copy_graph_module(gm)
         try:
             transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
-                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot,
+                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot, "aot": aot,
+                                                 "defer_logits": bool(defer_logits) and not aot,
                                                  "leave_to_inductor": leave})
             lazy = lift_returned_logits(gm) if aot else None
         except Exception as e:  # a bug in the pass must not break the user's model

@@ -37,6 +37,7 @@ _EXPORTS = {
     "cross_entropy": "cross_entropy",
     "linear_cross_entropy": "linear_cross_entropy",
     "linear_cross_entropy_with_logits": "linear_cross_entropy",
+    "deferred_linear": "deferred_logits",
 }
 
 __all__ = sorted(_EXPORTS)

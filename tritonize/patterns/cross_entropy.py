@@ -241,6 +241,22 @@ class LinearCrossEntropy(Pattern):
             # over dW; Llama 12L H1024 at 8192 tokens: 256 rows cost 162k tok/s against 191k for
             # the with-logits path's 2048, H100 session 4)
             kw = {"chunk_size": "wide"}
+        if outside and m.options.get("defer_logits") and all(u.op == "output" for u in outside) and \
+                _requires_grad(m, "h", "w", "b"):
+            # Training, logits only returned (HF causal LMs called with labels=): the graph returns a
+            # DeferredLogits (kernels/deferred_logits.py) that computes F.linear(h, W, b) on its first
+            # read, and the loss comes from the lean fused LM head + loss. A loop that never reads the
+            # logits (the common case) saves the (N, V) matrix and its matmul: Liger's memory with
+            # the logits still there for code that wants them. A read after the LM head's weight
+            # changed in place (optimizer.step()) raises, never returns logits of the new weight.
+            from tritonize.kernels.deferred_logits import deferred_linear
+
+            deferred = m.call(deferred_linear, h, m["w"], m["b"])
+            for u in outside:
+                u.replace_input_with(lin, deferred)
+            m.note = "logits deferred: computed on first read from the LM head's inputs (defer_logits=True)"
+            outside = []
+            kw = {"chunk_size": "wide"}  # no (N, V) logits in the step: wide chunks, as drop_logits
         if outside and same_dtype and all(order[u] > order[first_ret] for u in outside) \
                 and m["red"] in ("mean", "sum"):
             # The logits are returned too: one fused call writes them and forms the loss, so the

@@ -14,8 +14,9 @@ Rows (implementations), in this order in the table:
                     only if read, see tritonize(defer_logits=))
   tritonize+logits  tritonize(model, defer_logits=False): the logits computed every step (the
                     session-5 default; the A/B row for deferral)
-  tritonize+inductor  tritonize(model, rest="inductor") (since session 5 that mode leaves plain
-                    linear -> activation to Inductor; gated MLPs stay ours)
+  tritonize+inductor  tritonize(model, rest="inductor") (that mode leaves plain linear ->
+                    activation (since session 5) and the norms (since session 6) to Inductor;
+                    gated MLPs, the LM head + loss and attention stay ours)
   compile(tritonize)  torch.compile(model, backend="tritonize")
   tritonize+cudagraphs  tritonize(model, cudagraphs=True): rewritten graphs replayed as CUDA graphs
   tritonize+inductor+cudagraphs  tritonize(model, rest="inductor", cudagraphs=True)

@@ -144,7 +144,7 @@ def test_returned_logits_gradient_outside_the_compiled_graph():
     h, labels = torch.randn(2, 5, 16), torch.randint(0, V, (2, 5))
     labels[1, 1] = -100
     rep = check_parity(LMHead(True, prenorm=True), [h, labels], {"linear_cross_entropy": 1, "layer_norm": 1},
-                       rest="inductor")
+                       rest="inductor", patterns=("norm", "linear_cross_entropy"))  # norms: left to Inductor unless named
     site, = [s for s in rep.sites if s.pattern == "linear_cross_entropy"]
     assert "outside the compiled graph" in site.note, site.note
     model = LMHead(True).to(DEVICE)

@@ -62,8 +62,14 @@ def test_thin_op_twin_has_the_schema_and_runs_the_function():
         torch.testing.assert_close(got, want)
 
 
-def test_inductor_rest_leaves_plain_linear_act_to_inductor_and_says_why():
-    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 0}, atol=1e-4, rtol=1e-4, rest="inductor")
-    (site, reason), = rep.skipped("linear_act")
-    assert "left to Inductor" in reason and "patterns=" in reason, (site, reason)
-    assert rep.count("layer_norm") + rep.count("add_layer_norm") == 2  # the rest still fuses
+def test_inductor_rest_leaves_plain_linear_act_and_norms_to_inductor_and_says_why():
+    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 0, "layer_norm": 0, "add_layer_norm": 0},
+                       atol=1e-4, rtol=1e-4, rest="inductor")
+    for name in ("linear_act", "layer_norm"):
+        skipped = rep.skipped(name)
+        assert skipped and all("left to Inductor" in reason and "patterns=" in reason for _, reason in skipped), \
+            (name, skipped)
+    # naming a family keeps it: the norms fuse again, linear_act stays with Inductor
+    rep = check_parity(Block(), [torch.randn(3, 5, 16)], {"linear_act": 0}, atol=1e-4, rtol=1e-4, rest="inductor",
+                       patterns=["norm"])
+    assert rep.count("layer_norm") + rep.count("add_layer_norm") == 2

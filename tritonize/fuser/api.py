@@ -194,8 +194,8 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
 
     patterns: None (all) or names/families of patterns to apply; exclude: names/families to leave
     out; rest: "eager" (the unfused rest runs as PyTorch) or "inductor" (Inductor compiles the rest
-    and calls our ops; plain linear -> activation is then left to Inductor unless `patterns` names
-    it, because measured faster there; the report says so per site); strict: raise instead of
+    and calls our ops; plain linear -> activation and the norms are then left to Inductor unless
+    `patterns` names them, because measured faster there; the report says so per site); strict: raise instead of
     running unmodified when Dynamo cannot capture the model; dynamic: torch.compile's `dynamic`
     (default None = automatic dynamic: at most one recapture when sizes change, see module doc);
     cudagraphs: record each rewritten graph (forward and backward) as a CUDA graph and replay it

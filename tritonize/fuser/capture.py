@@ -22,6 +22,7 @@ import torch.fx as fx
 from tritonize.fuser.normalize import normalize
 from tritonize.fuser.report import Report
 from tritonize.fuser.rewrite import rewrite
+from tritonize.patterns import LEAVE_TO_INDUCTOR
 
 RESTS = ("eager", "inductor")
 
@@ -95,8 +96,8 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     pats = select_patterns(patterns, exclude)
     aot = rest == "inductor" or cudagraphs  # the rewritten graph goes through AOTAutograd
     # patterns that decline with a reason in rest="inductor" unless the user named them (see
-    # patterns/linear_act.py LEFT_TO_INDUCTOR for the measurement)
-    leave = ("linear_act",) if rest == "inductor" and patterns is None else ()
+    # patterns/__init__.py LEAVE_TO_INDUCTOR for the measurement)
+    leave = LEAVE_TO_INDUCTOR if rest == "inductor" and patterns is None else ()
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)

@@ -173,6 +173,18 @@ class Match:
 # the site as skipped (e.g. an optional rewrite the user's options turn off).
 NOT_THIS_VARIANT = "not this variant"
 
+# rest="inductor" without an explicit `patterns=` leaves these patterns to Inductor (the rewrite
+# reports each site skipped with this reason). Measured on the H100 (session 5, one host each,
+# `benchmarks/profile_model.py --exclude`): GPT-2 124M B8 T1024 ran 205k tok/s with all our ops in
+# Inductor's graph, 272k without our norms, 377k without our linear -> activation, at about equal
+# GPU time (22.4 / 22.4 / 21.4 ms): each of our ops is a Python call in Inductor's otherwise
+# generated graph, and this step is host-bound. Llama 12L B4 T2048 was unaffected by leaving the
+# norms (209k vs 201-211k tok/s, GPU-bound). Inductor fuses a norm or a linear's activation with
+# its neighbours as well as we do; gated MLPs, the LM head + loss and attention stay ours.
+LEAVE_TO_INDUCTOR = ("linear_act", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm")
+LEFT_TO_INDUCTOR = ("left to Inductor (rest='inductor': measured faster there; "
+                    "name it in tritonize(patterns=...) to fuse it anyway)")
+
 
 class Pattern:
     name: str = ""

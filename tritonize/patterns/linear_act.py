@@ -69,22 +69,10 @@ class LinearAct(Pattern):
             yield label, {"activation": _act_name(label)}, f
 
     def guard(self, m):
-        if self.name in m.options.get("leave_to_inductor", ()):
-            return LEFT_TO_INDUCTOR
         return _linear_guard(m, "x", ["w"], "b")
 
     def replace(self, m, fn):
         return [m.call(fn, m["x"], m["w"], m["b"], activation=m.flags["activation"])]
-
-
-# rest="inductor" without an explicit `patterns=` leaves plain linear -> activation to Inductor
-# (cuBLAS + its fused pointwise kernel): measured on the H100 (GPT-2 124M B8 T1024, session 5),
-# the step ran at 205k tok/s with our op and 377k without it on the same host, GPU time about
-# equal (22.4 vs 21.4 ms): with our op the host stalled ~18 ms per step, which the profiled host
-# time does not show (a wait, not Python work; cause not found yet). Gated MLPs keep our op
-# (Llama: unaffected, 1.15-1.19x torch.compile with it).
-LEFT_TO_INDUCTOR = ("left to Inductor (rest='inductor': measured faster there; "
-                    "name it in tritonize(patterns=...) to fuse it anyway)")
 
 
 @register

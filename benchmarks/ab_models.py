@@ -1,0 +1,116 @@
+"""Interleaved A/B of whole train steps in ONE process: ratios that survive host-speed drift.
+
+    python -m benchmarks.ab_models --model gpt2 --impls torch.compile,tritonize+inductor
+    python -m benchmarks.ab_models --model llama --impls tritonize,tritonize+logits --rounds 8
+
+Why: on the lent H100 machines the host's speed drifts within one process (a 20000-op probe moved
+between 7.3 and 10.5 us/op from one 12-step window to the next, session 6). A host-bound step
+follows it, a GPU-bound one does not, so two rows of `bench_models` measured a minute apart can
+differ by 1.5x for reasons unrelated to the code. Here every implementation wraps its own copy of
+the same model (same weights, same batch) in one process, and the rounds alternate: each round
+times `--steps` steps of every implementation back to back (order rotated per round), and the
+ratio of each implementation to the first one is taken per round, then the median over rounds.
+Per round the host probe is printed too, so a drift is visible. Peak memory is not measured here
+(the copies share the process): `bench_models` measures it, one implementation per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.bench_models import FULL, QUICK, _model_class, build_config, make_runner, train_step
+
+
+def host_probe(dev: str, n: int = 20000) -> float:
+    """Host microseconds per tiny op (in-place add on an 8-element tensor): the host's speed now."""
+    x = torch.empty(8, device=dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    us = (time.perf_counter() - t0) / n * 1e6
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return us
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", choices=sorted(k for k, v in FULL.items() if v["task"] == "train"))
+    p.add_argument("--impls", required=True, help="comma list of bench_models implementations; ratios are to the first")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per implementation per round")
+    p.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
+    args = p.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    if len(impls) < 2:
+        p.error("--impls needs at least two implementations")
+    if "liger" in impls:
+        p.error("liger patches transformers' classes process-wide: measure it with bench_models")
+
+    spec = (QUICK if args.quick else FULL)[args.model]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, T = spec["shapes"][0]
+    config = build_config(args.model, args.quick, T)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        base = _model_class(args.model)(config)
+    base.to(dtype).train()
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    steps = {}
+    for impl in impls:
+        model = copy.deepcopy(base)
+        runner = make_runner(model, impl)
+        steps[impl] = train_step(runner, model, ids, dev)
+        t0 = time.perf_counter()
+        for _ in range(3):  # compile / capture / autotune, then warm
+            steps[impl]()
+        sync()
+        print(f"# {impl}: first 3 steps {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    del base
+
+    per_round = {impl: [] for impl in impls}
+    for r in range(args.rounds):
+        order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate: no fixed position in a round
+        probe = host_probe(dev)
+        for impl in order:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[impl]()
+            sync()
+            per_round[impl].append((time.perf_counter() - t0) * 1e3 / args.steps)
+        cells = "  ".join(f"{i} {per_round[i][-1]:.2f}" for i in impls)
+        print(f"round {r}: probe {probe:.2f} us/op  ms/step: {cells}", flush=True)
+
+    ref = impls[0]
+    print(f"\n### A/B {args.model} B{B} T{T}, {args.rounds} rounds x {args.steps} steps, interleaved in one process"
+          + (f" — {torch.cuda.get_device_name()}" if dev == "cuda" else ""))
+    print(f"| impl | median ms/step | ktok/s | x {ref} (median of per-round ratios) | min..max ratio |")
+    print("|---|---|---|---|---|")
+    for impl in impls:
+        ms = statistics.median(per_round[impl])
+        ratios = [a / b for a, b in zip(per_round[ref], per_round[impl])]  # >1: faster than ref
+        print(f"| {impl} | {ms:.2f} | {B * T / ms:.0f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.3f}..{max(ratios):.3f} |")
+        print("# " + json.dumps({"bench": "ab_models", "model": args.model, "impl": impl, "ref": ref,
+                                 "ms_rounds": [round(x, 3) for x in per_round[impl]],
+                                 "ratio_median": statistics.median(ratios)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -286,6 +286,17 @@ class Attention(Pattern):
 # anyway (the tests do, to cover the kernel inside models). Masked SDPA, the unfused spellings
 # (the `attention` pattern) and CPU/fp32 calls are replaced as before.
 KEPT_FUSED_SDPA = "kept: SDPA already runs a fused cuDNN/flash kernel here (faster on H100; TRITONIZE_SDPA=replace)"
+# the note on a kept SDPA of repeat_kv'd k, v rewritten to tritonize.kernels.sdpa_repeat_kv
+REPEAT_RECOMPUTED = "repeat_kv kept for torch's SDPA; k, v saved with their kv heads (recomputed in backward)"
+
+
+def torch_runs_fused_sdpa(q) -> bool:
+    """Whether torch's SDPA runs a fused kernel (cuDNN/flash) for this q (its fake tensor): CUDA,
+    half precision, head dim a multiple of 8 up to 256. A module-level function so that the CPU
+    tests can pretend it does (monkeypatch) to exercise the kept-SDPA rewrites."""
+    d = static_int(q.shape[-1])
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and d is not None \
+        and d % 8 == 0 and d <= 256
 
 
 def sdpa_policy() -> str:
@@ -307,7 +318,8 @@ class SDPA(Pattern):
         # mask, which it does under Dynamo): the fused call takes the kv heads as they are (our
         # kernel's native GQA; torch's kept SDPA with enable_gqa=True only with the gqa_fold
         # option), so the H-head copies of k and v are neither made nor saved for backward
-        # (Llama 12L B4 T2048: 2 x 16.8 MB per layer)
+        # (Llama 12L B4 T2048: 2 x 16.8 MB per layer). Torch's kept SDPA without gqa_fold runs on
+        # the repeated heads (faster), through sdpa_repeat_kv: the copies are made but not saved.
         def g(q, k, v, m, p, causal, c, gqa, ek, rk, ev, rv):
             return F.scaled_dot_product_attention(q, _repeat_kv(k, ek, rk), _repeat_kv(v, ev, rv), m, p, causal,
                                                   scale=c, enable_gqa=gqa)
@@ -351,15 +363,21 @@ class SDPA(Pattern):
         out = m.out_val(0)
         if out is None or out.dtype != q.dtype:
             return "output dtype differs from q's"
-        m.torch_fused = sdpa_policy() == "auto" and q.device.type == "cuda" \
-            and q.dtype in (torch.float16, torch.bfloat16) and static_int(D) is not None \
-            and static_int(D) % 8 == 0 and static_int(D) <= 256
+        m.torch_fused = sdpa_policy() == "auto" and torch_runs_fused_sdpa(q)
         # torch's fused SDPA stays (no mask tensor left): read again by note() and replace()
         m.kept = m.torch_fused and (m.causal_mask or m.get("m") is None)
+        # kept with the repeat in front, its H-head copies not saved (sdpa_repeat_kv): see replace()
+        m.repeat_recomputed = False
         if m.kept and m.flags["repeat"] and not m.options.get("gqa_fold"):
             # torch 2.11's cuDNN SDPA runs GQA slower than on repeated heads (H100, Llama's
-            # B4 H16/8 T2048 D64: 0.64 vs 0.50 ms fwd+bwd): keep the repeat unless memory is the aim
-            return NOT_THIS_VARIANT
+            # B4 H16/8 T2048 D64: 0.64 vs 0.50 ms fwd+bwd): keep the repeat unless memory is the aim.
+            # Through AOTAutograd (rest="inductor", cudagraphs) saved-tensor hooks are not traced
+            # and its partitioner decides what is saved: the repeat stays as it is (the plain
+            # spelling's verdict applies). Otherwise torch's SDPA runs on the repeated heads, but
+            # sdpa_repeat_kv keeps the kv heads for backward instead of the H-head copies.
+            if m.options.get("aot"):
+                return NOT_THIS_VARIANT
+            m.repeat_recomputed = True
         if m.torch_fused and m.get("m") is None and not m.flags["repeat"]:
             return KEPT_FUSED_SDPA
         return None
@@ -368,7 +386,9 @@ class SDPA(Pattern):
         notes = []
         if m.causal_mask:
             notes.append("constant mask proven causal: is_causal=True" + (" (torch's fused SDPA)" if m.torch_fused else ""))
-        if m.flags["repeat"]:
+        if m.repeat_recomputed:
+            notes.append(REPEAT_RECOMPUTED)
+        elif m.flags["repeat"]:
             notes.append("repeat_kv folded: k, v keep their kv heads" + (" (SDPA enable_gqa=True)" if m.kept else ""))
         return "; ".join(notes)
 
@@ -378,6 +398,14 @@ class SDPA(Pattern):
         if m.causal_mask:
             m["m"].meta["tritonize_drop_if_dead"] = True  # its construction goes once no site reads it
         gqa = True if m.flags["repeat"] else m["gqa"]
+        if m.repeat_recomputed:
+            # torch's SDPA on the repeated heads, minus the mask as below; dropout as there too
+            # (torch draws its RNG, no seed node); k, v are repeat_kv's inputs, the kv heads
+            from tritonize.kernels.sdpa_repeat_kv import sdpa_repeat_kv
+
+            n_rep = static_int(m.val("q").shape[1]) // static_int(m.val("k").shape[1])
+            return [m.call(sdpa_repeat_kv, m["q"], m["k"], m["v"], n_rep, True if m.causal_mask else m["causal"],
+                           None if c is None else float(c), p)]
         if m.kept:
             # the same SDPA call minus the mask (its fused kernel runs) and minus repeat_kv
             return [m.call(F.scaled_dot_product_attention, m["q"], m["k"], m["v"], None, p,

@@ -2,6 +2,10 @@
 
     python -m benchmarks.ab_models --model gpt2 --impls torch.compile,tritonize+inductor
     python -m benchmarks.ab_models --model llama --impls tritonize,tritonize+logits --rounds 8
+    python -m benchmarks.ab_models --model gpt2 --impls "tritonize,tritonize:exclude=norm"
+
+An implementation may carry tritonize options after a colon: `IMPL:key=value;key=v1+v2` (values
+are Python literals where they parse, `+` makes a tuple: `tritonize:exclude=norm+linear_act`).
 
 Why: on the lent H100 machines the host's speed drifts within one process (a 20000-op probe moved
 between 7.3 and 10.5 us/op from one 12-step window to the next, session 6). A host-bound step
@@ -40,6 +44,28 @@ def host_probe(dev: str, n: int = 20000) -> float:
     return us
 
 
+def parse_impl(spec: str):
+    """'tritonize:exclude=norm+linear_act;defer_logits=False' -> ('tritonize', {...})."""
+    import ast
+
+    impl, _, opts = spec.partition(":")
+    options = {}
+    for item in (o for o in opts.split(";") if o):
+        key, _, value = item.partition("=")
+        parts = value.split("+")
+
+        def lit(x):
+            try:
+                return ast.literal_eval(x)
+            except (ValueError, SyntaxError):
+                return x
+
+        options[key] = tuple(lit(x) for x in parts) if len(parts) > 1 or key in ("exclude", "patterns") else lit(value)
+    if options and not impl.startswith("tritonize"):
+        raise ValueError(f"options apply to tritonize rows only: {spec!r}")
+    return impl, options
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2", choices=sorted(k for k, v in FULL.items() if v["task"] == "train"))
@@ -51,7 +77,7 @@ def main(argv=None) -> int:
     impls = [i for i in args.impls.split(",") if i]
     if len(impls) < 2:
         p.error("--impls needs at least two implementations")
-    if "liger" in impls:
+    if any(parse_impl(i)[0] == "liger" for i in impls):
         p.error("liger patches transformers' classes process-wide: measure it with bench_models")
 
     spec = (QUICK if args.quick else FULL)[args.model]
@@ -73,7 +99,8 @@ def main(argv=None) -> int:
     steps = {}
     for impl in impls:
         model = copy.deepcopy(base)
-        runner = make_runner(model, impl)
+        name, options = parse_impl(impl)
+        runner = make_runner(model, name, **options)
         steps[impl] = train_step(runner, model, ids, dev)
         t0 = time.perf_counter()
         for _ in range(3):  # compile / capture / autotune, then warm

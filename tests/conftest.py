@@ -21,6 +21,10 @@ os.environ.setdefault("TRITONIZE_AUTOTUNE", "0")
 # tests replace it so our attention kernel runs inside the model tests too. The default is
 # tested on its own (tests/fuser/test_attention.py).
 os.environ.setdefault("TRITONIZE_SDPA", "replace")
+# Likewise small CUDA LayerNorm / linear -> activation sites stay torch's by default in
+# rest="eager" (patterns/__init__.py EAGER_MIN_ELEMENTS); the tests' shapes are all small and are
+# there to check our kernels inside models. The rule is tested on its own (tests/fuser/test_api.py).
+os.environ.setdefault("TRITONIZE_SIZE_POLICY", "0")
 
 import pytest  # noqa: E402
 

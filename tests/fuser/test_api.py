@@ -182,3 +182,39 @@ def test_bad_options_raise_naming_the_option():
         tritonize(nn.Linear(2, 2), gqa_fold=1)
     with pytest.raises(TypeError, match="tritonize: expected an nn.Module"):
         tritonize(lambda x: x)
+
+
+def test_small_cuda_sites_stay_torch_in_eager_rest(monkeypatch):
+    """rest="eager" on CUDA: LayerNorm / linear -> activation sites below EAGER_MIN_ELEMENTS keep
+    torch's op (the report says why); large ones, other patterns and CPU sites are unaffected;
+    naming the pattern in patterns= fuses them anyway. Fake CUDA tensors: runs without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tritonize.patterns import EAGER_MIN_ELEMENTS, small_site_reason
+
+    with FakeTensorMode():
+        small = torch.empty(8192, 768, device="cuda", dtype=torch.bfloat16)
+        wide = torch.empty(4096, 8192, device="cuda", dtype=torch.bfloat16)
+        mlp = torch.empty(8192, 3072, device="cuda", dtype=torch.bfloat16)
+        big_mlp = torch.empty(8192, 16384, device="cuda", dtype=torch.bfloat16)
+    assert "kept torch's" in small_site_reason("layer_norm", small)
+    assert "kept torch's" in small_site_reason("add_layer_norm", small)
+    assert small_site_reason("layer_norm", wide) is None  # 2^25 elements: ours
+    assert "kept torch's" in small_site_reason("linear_act", mlp)
+    assert small_site_reason("linear_act", big_mlp) is None
+    assert small_site_reason("rms_norm", small) is None  # HF's RMSNorm is many torch ops: always ours
+    assert small_site_reason("layer_norm", torch.empty(8, 768)) is None  # CPU: no host-cost rule
+    assert set(EAGER_MIN_ELEMENTS) == {"layer_norm", "add_layer_norm", "linear_act"}
+    if torch.cuda.is_available():
+        monkeypatch.setenv("TRITONIZE_SIZE_POLICY", "1")
+        m = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)).cuda()
+        x = torch.randn(4, 64, device="cuda")
+        ref = m(x)
+        tritonize(m)
+        torch.testing.assert_close(m(x), ref)
+        rep = tritonize.report(m)
+        assert rep.count("layer_norm") == 0 and any("kept torch's" in r for _, r in rep.skipped("layer_norm")), str(rep)
+        m2 = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)).cuda()
+        tritonize(m2, patterns=("norm",))
+        m2(x)
+        assert tritonize.report(m2).count("layer_norm") == 1

@@ -98,6 +98,9 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     # patterns that decline with a reason in rest="inductor" unless the user named them (see
     # patterns/__init__.py LEAVE_TO_INDUCTOR for the measurement)
     leave = LEAVE_TO_INDUCTOR if rest == "inductor" and patterns is None else ()
+    # small LayerNorm / linear -> activation sites stay torch's where our Python call costs more
+    # host time than the kernel saves GPU time (patterns/__init__.py EAGER_MIN_ELEMENTS)
+    size_policy = not aot and patterns is None and os.environ.get("TRITONIZE_SIZE_POLICY", "1") != "0"
 
     def tritonize_compiler(gm: fx.GraphModule, example_inputs):
         backup = _copy_graph_module(gm)
@@ -105,7 +108,7 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
             transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
                                                  "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot, "aot": aot,
                                                  "defer_logits": bool(defer_logits) and not aot,
-                                                 "leave_to_inductor": leave})
+                                                 "leave_to_inductor": leave, "size_policy": size_policy})
             lazy = lift_returned_logits(gm) if aot else None
         except Exception as e:  # a bug in the pass must not break the user's model
             if strict:

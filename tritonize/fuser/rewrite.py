@@ -21,7 +21,7 @@ from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
 from tritonize.fuser.normalize import propagate
 from tritonize.fuser.report import Report, Site
-from tritonize.patterns import LEFT_TO_INDUCTOR, NOT_THIS_VARIANT, Match, Pattern
+from tritonize.patterns import LEFT_TO_INDUCTOR, NOT_THIS_VARIANT, Match, Pattern, small_site_reason
 
 
 class _Matcher(SubgraphMatcher):
@@ -108,6 +108,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], report: Report, capture
                 anchor_key = (pat.name, returning[-1])
                 reason = (_escape_reason(nodes, returning, pat.escapable(m)) or (kerr if kfn is None else None)
                           or (LEFT_TO_INDUCTOR if pat.name in m.options.get("leave_to_inductor", ()) else None)
+                          or (small_site_reason(pat.name, m.out_val(0)) if m.options.get("size_policy") else None)
                           or pat.guard(m))
                 if reason is None:
                     m.note = pat.note(m)

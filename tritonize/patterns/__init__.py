@@ -185,6 +185,40 @@ LEAVE_TO_INDUCTOR = ("linear_act", "layer_norm", "add_layer_norm", "rms_norm", "
 LEFT_TO_INDUCTOR = ("left to Inductor (rest='inductor': measured faster there; "
                     "name it in tritonize(patterns=...) to fuse it anyway)")
 
+# rest="eager" on CUDA without CUDA graphs: each of our ops is a Python call (~150 us of host time
+# for forward + backward on the H100 hosts) where torch dispatches from C++. Where torch has one
+# fused kernel of its own (nn.LayerNorm's native kernel; cuBLAS + one activation kernel, which is
+# also what our linear_act runs at these sizes), a small site saves less GPU time than that call
+# costs, and a host-bound step gets slower. Measured (H100, benchmarks/ab_models.py, GPT-2 124M
+# B8 T1024, interleaved rounds in one process): tritonize 1.46x eager with our LayerNorms and
+# linear->GELU, 1.83x without the norms, 2.01x without both. GPU time saved per call: LayerNorm
+# fwd+bwd at 16384x1024 0.164 ms (torch) vs 0.086 ms (ours), i.e. ~5 ps per element (+2 ps for
+# the fused residual add); linear_act only fuses its bias gradient into the backward pass (~1 ps
+# per output element). The thresholds put the break-even at ~150 us. Sites below them stay torch's
+# and the report says why; naming the pattern in tritonize(patterns=...) fuses them anyway, and
+# TRITONIZE_SIZE_POLICY=0 turns the rule off (the tests fuse tiny shapes to check numerics).
+EAGER_MIN_ELEMENTS = {"layer_norm": 2**25, "add_layer_norm": 2**24, "linear_act": 2**27}
+
+
+def size_hint(s):
+    """An int for a size, the tracing hint for a symbolic one, None if neither is known."""
+    v = static_int(s)
+    if v is None and isinstance(s, torch.SymInt):
+        v = getattr(s.node, "hint", None)
+    return v if isinstance(v, int) else None
+
+
+def small_site_reason(name: str, out) -> str | None:
+    """The size policy above: a reason to keep torch's op for a small CUDA site, else None."""
+    limit = EAGER_MIN_ELEMENTS.get(name)
+    if limit is None or not isinstance(out, torch.Tensor) or out.device.type != "cuda":
+        return None
+    n = size_hint(out.numel())
+    if n is None or n >= limit:
+        return None
+    return (f"kept torch's: {n} output elements, below {limit} where our kernel's GPU saving would pay "
+            "for its Python call (host-bound step; name it in tritonize(patterns=...) to fuse it anyway)")
+
 
 class Pattern:
     name: str = ""

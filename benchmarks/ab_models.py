@@ -29,19 +29,8 @@ import time
 
 import torch
 
-from benchmarks.bench_models import FULL, QUICK, _model_class, build_config, make_runner, train_step
-
-
-def host_probe(dev: str, n: int = 20000) -> float:
-    """Host microseconds per tiny op (in-place add on an 8-element tensor): the host's speed now."""
-    x = torch.empty(8, device=dev)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x.add_(1)
-    us = (time.perf_counter() - t0) / n * 1e6
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return us
+from benchmarks._common import host_probe_us
+from benchmarks.bench_models import FULL, build_train_model, make_runner, train_step
 
 
 def parse_impl(spec: str):
@@ -80,17 +69,8 @@ def main(argv=None) -> int:
     if any(parse_impl(i)[0] == "liger" for i in impls):
         p.error("liger patches transformers' classes process-wide: measure it with bench_models")
 
-    spec = (QUICK if args.quick else FULL)[args.model]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    B, T = spec["shapes"][0]
-    config = build_config(args.model, args.quick, T)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(dev):
-        base = _model_class(args.model)(config)
-    base.to(dtype).train()
-    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
+    base, ids, dev = build_train_model(args.model, args.quick)
+    B, T = ids.shape
 
     def sync():
         if dev == "cuda":
@@ -112,7 +92,7 @@ def main(argv=None) -> int:
     per_round = {impl: [] for impl in impls}
     for r in range(args.rounds):
         order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate: no fixed position in a round
-        probe = host_probe(dev)
+        probe = host_probe_us(20000)
         for impl in order:
             sync()
             t0 = time.perf_counter()

@@ -193,6 +193,25 @@ def make_runner(model, impl: str, **tritonize_options):
     raise ValueError(f"unknown impl {impl!r}")
 
 
+def build_train_model(name: str, quick: bool):
+    """(model, ids, dev) for profile_model, ab_models and host_drift: the training model of `name`
+    in bf16 on the GPU (fp32 on CPU), train mode, SDPA attention, seed 0, and its input batch."""
+    import torch
+
+    spec = (QUICK if quick else FULL)[name]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, T = spec["shapes"][0]
+    config = build_config(name, quick, T)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = _model_class(name)(config)
+    model.to(dtype).train()
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
+    return model, ids, dev
+
+
 def train_step(runner, model, ids, dev):
     """One train step as every training row times it: forward with labels (HF's loss), backward,
     fused AdamW, zero_grad(set_to_none). Returns the step function (it returns the loss)."""

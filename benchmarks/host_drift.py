@@ -15,7 +15,7 @@ import threading
 import time
 
 import torch
-from benchmarks.bench_models import FULL, build_config, _model_class, make_runner, train_step
+from benchmarks.bench_models import build_train_model, make_runner, train_step
 
 
 def main() -> int:
@@ -23,14 +23,8 @@ def main() -> int:
     p.add_argument("--impl", default="tritonize")
     p.add_argument("--model", default="gpt2")
     a = p.parse_args()
-    spec = FULL[a.model]; B, T = spec["shapes"][0]
-    config = build_config(a.model, False, T); config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = _model_class(a.model)(config)
-    model.to(torch.bfloat16).train()
+    model, ids, _ = build_train_model(a.model, False)
     runner = make_runner(model, a.impl)
-    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to("cuda")
     step = train_step(runner, model, ids, "cuda")
     for _ in range(3):
         step()

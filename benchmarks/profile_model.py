@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.bench_models import FULL, IMPLS, QUICK, _fused_count, _model_class, build_config, make_runner, train_step
+from benchmarks.bench_models import FULL, IMPLS, QUICK, _fused_count, build_train_model, make_runner, train_step
 
 
 def main(argv=None) -> int:
@@ -50,15 +50,8 @@ def main(argv=None) -> int:
     spec = (QUICK if args.quick else FULL)[args.model]
     if spec["task"] != "train":
         p.error("profile_model profiles training steps (gpt2, llama)")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    B, T = spec["shapes"][0]
-    config = build_config(args.model, args.quick, T)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = _model_class(args.model)(config)
-    model.to(dtype).train()
+    model, ids, dev = build_train_model(args.model, args.quick)
+    B, T = ids.shape
     impl = "compile+cudagraphs" if args.cudagraphs and args.impl == "torch.compile" else args.impl
     extra = {}
     if impl.startswith("tritonize"):
@@ -68,7 +61,6 @@ def main(argv=None) -> int:
         if args.cudagraphs:
             extra["cudagraphs"] = True
     runner = make_runner(model, impl, **extra)
-    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
     step = train_step(runner, model, ids, dev)
 
     def sync():

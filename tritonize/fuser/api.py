@@ -223,7 +223,8 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     (tokens, vocab) matrix and its matmul; the loss comes from the lean fused LM head + loss.
     Reading them after the LM head's weight (or the hidden states) changed in place since the
     forward, e.g. after optimizer.step(), raises a RuntimeError instead of returning logits of the
-    new weight: read them before the step, or pass defer_logits=False. None (default): on with
+    new weight: read them before the step, or pass defer_logits=False (also the faster choice for a
+    loop that reads them every step: deferred, the LM head's matmul then runs twice). None (default): on with
     rest="eager" and no cudagraphs; the AOTAutograd modes (rest="inductor", cudagraphs=True)
     cannot return a tensor subclass and return computed logits (True there is an error).
     Tritonizing an already tritonized model is a no-op (untritonize first to change options).

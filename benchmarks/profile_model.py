@@ -119,7 +119,11 @@ def main(argv=None) -> int:
         step()
         torch.cuda.set_sync_debug_mode("default")
         sync()
-    # Wall per step, and host time to issue one step when the GPU is not waited on.
+    # Wall per step, and host time to issue one step when the GPU is not waited on. The host's
+    # speed drifts on the lent machines (docs/benchmarks.md, session 6): print it beside the figure.
+    from benchmarks._common import host_probe_us
+
+    print(f"host probe {host_probe_us(20000)} us/op")
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()

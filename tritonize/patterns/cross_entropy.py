@@ -229,34 +229,32 @@ class LinearCrossEntropy(Pattern):
         lv, hv0 = val(lin), m.val("h")
         same_dtype = lv is not None and hv0 is not None and lv.dtype == hv0.dtype  # not under autocast
         kw = {}
-        if outside and m.options.get("drop_logits") and all(u.op == "output" for u in outside):
-            # tritonize(drop_logits=True), training mode, logits only returned (as Liger in
-            # training): the graph returns an empty tensor in their place, nothing (N, V) is written
-            empty = m.method("new_empty", h, (0,))
-            for u in outside:
-                u.replace_input_with(lin, empty)
+        only_returned = bool(outside) and all(u.op == "output" for u in outside)
+        stand_in = None
+        if only_returned and m.options.get("drop_logits"):
+            # tritonize(drop_logits=True), training mode (as Liger in training): the graph returns
+            # an empty tensor in their place, nothing (N, V) is written
+            stand_in = m.method("new_empty", h, (0,))
             m.note = "logits dropped (drop_logits=True): an empty tensor is returned in their place"
-            outside = []
-            # the (N, V) logits are gone, so the chunk may be wide (up to N/4 rows: fewer passes
-            # over dW; Llama 12L H1024 at 8192 tokens: 256 rows cost 162k tok/s against 191k for
-            # the with-logits path's 2048, H100 session 4)
-            kw = {"chunk_size": "wide"}
-        if outside and m.options.get("defer_logits") and all(u.op == "output" for u in outside) and \
-                _requires_grad(m, "h", "w", "b"):
-            # Training, logits only returned (HF causal LMs called with labels=): the graph returns a
-            # DeferredLogits (kernels/deferred_logits.py) that computes F.linear(h, W, b) on its first
-            # read, and the loss comes from the lean fused LM head + loss. A loop that never reads the
-            # logits (the common case) saves the (N, V) matrix and its matmul: Liger's memory with
-            # the logits still there for code that wants them. A read after the LM head's weight
-            # changed in place (optimizer.step()) raises, never returns logits of the new weight.
+        elif only_returned and m.options.get("defer_logits") and _requires_grad(m, "h", "w", "b"):
+            # Training (HF causal LMs called with labels=): the graph returns a DeferredLogits
+            # (kernels/deferred_logits.py) that computes F.linear(h, W, b) on its first read. A loop
+            # that never reads the logits (the common case) saves the (N, V) matrix and its matmul:
+            # Liger's memory with the logits still there for code that wants them. A read after the
+            # LM head's weight changed in place (optimizer.step()) raises, never returns logits of
+            # the new weight.
             from tritonize.kernels.deferred_logits import deferred_linear
 
-            deferred = m.call(deferred_linear, h, m["w"], m["b"])
-            for u in outside:
-                u.replace_input_with(lin, deferred)
+            stand_in = m.call(deferred_linear, h, m["w"], m["b"])
             m.note = "logits deferred: computed on first read from the LM head's inputs (defer_logits=True)"
+        if stand_in is not None:
+            for u in outside:
+                u.replace_input_with(lin, stand_in)
             outside = []
-            kw = {"chunk_size": "wide"}  # no (N, V) logits in the step: wide chunks, as drop_logits
+            # no (N, V) logits in the step, so the loss's chunk may be wide (up to N/4 rows: fewer
+            # passes over dW; Llama 12L H1024 at 8192 tokens: 256 rows cost 162k tok/s against 191k
+            # for the with-logits path's 2048, H100 session 4)
+            kw = {"chunk_size": "wide"}
         if outside and same_dtype and all(order[u] > order[first_ret] for u in outside) \
                 and m["red"] in ("mean", "sum"):
             # The logits are returned too: one fused call writes them and forms the loss, so the

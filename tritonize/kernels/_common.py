@@ -182,3 +182,17 @@ def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def linear_backward(g, hidden, weight, need_dh: bool, need_dw: bool, need_db: bool, db_dtype):
+    """F.linear's backward for a gradient g (..., V) of logits = F.linear(hidden, weight, bias):
+    fresh (dh | None, dW | None, db | None). db is summed in fp32 at least (fp64 stays fp64).
+    Plain differentiable ops, so a double backward through them works. Any layout of g (a
+    stride-0 gradient of `.sum()` included): reshape and mm take any strides. Only what a
+    requested gradient reads is needed: dh reads weight, dW reads hidden (the other may be None)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    dh = (g2 @ weight).view(*g.shape[:-1], weight.shape[1]) if need_dh else None
+    dw = g2.t() @ hidden.reshape(-1, hidden.shape[-1]) if need_dw else None
+    db = g2.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(db_dtype) if need_db else None
+    return dh, dw, db
+

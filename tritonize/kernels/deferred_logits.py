@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from ._common import check_arg, check_same_device, check_tensor
+from ._common import check_arg, check_same_device, check_tensor, linear_backward
 
 __all__ = ["DeferredLogits", "deferred_linear", "materialize"]
 
@@ -324,7 +324,6 @@ class _DeferredLinear(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         # Only what the requested gradients read: dh needs w, dW needs h, db neither.
         ctx.save_for_backward(w if need_dh else None, h if need_dw else None)
-        ctx.h_shape = h.shape
         ctx.set_materialize_grads(False)  # no gradient reached the logits: return None, compute nothing
         # Detached aliases: the wrapper must not keep a graph alive; detach() shares the version
         # counter, so the staleness check still sees in-place changes of h, w, b.
@@ -336,13 +335,7 @@ class _DeferredLinear(torch.autograd.Function):
             return None, None, None, None
         w, h = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        # Not once_differentiable: these are differentiable ops on the saved inputs, so
-        # create_graph=True (double backward) works as for F.linear.
-        g2 = g.reshape(-1, g.shape[-1])
-        dh = (g2 @ w).view(ctx.h_shape) if need_dh else None
-        dw = g2.t() @ h.reshape(-1, h.shape[-1]) if need_dw else None
-        # db summed in fp32 at least (as linear_cross_entropy's), in fp64 for fp64 (gradcheck)
-        db = g2.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype) if need_db else None
+        dh, dw, db = linear_backward(g, h, w, need_dh, need_dw, need_db, g.dtype)
         return dh, dw, db, None
 
 

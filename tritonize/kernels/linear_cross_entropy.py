@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    FLOAT_DTYPES, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, rows_2d, use_triton,
+    FLOAT_DTYPES, check_arg, check_same_device, check_tensor, eager_fast_path, fast_apply, linear_backward, rows_2d,
+    use_triton,
 )  # fmt: skip
 from ._norm_common import cdiv, next_pow2
 from .cross_entropy import (
@@ -696,16 +697,6 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, dh, dw, db)
 
 
-def _linear_backward(g, hidden, weight, need_dh, need_dw, need_db, db_dtype):
-    """F.linear's backward for a gradient g (..., V) on logits = F.linear(hidden, weight, bias):
-    fresh (dh | None, dW | None, db | None), db summed in fp32."""
-    g2 = g.reshape(-1, weight.shape[0])
-    dh = (g2 @ weight).view(hidden.shape) if need_dh else None
-    dw = g2.t() @ hidden.reshape(-1, hidden.shape[-1]) if need_dw else None
-    db = g2.sum(0, dtype=torch.float32).to(db_dtype) if need_db else None
-    return dh, dw, db
-
-
 def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
     """As _LinearCrossEntropyLogitsFn.backward: the saved gradients scaled by grad_loss (in place,
     the custom op), plus F.linear's backward for a gradient on the returned logits."""
@@ -716,7 +707,7 @@ def _logits_backward(ctx, grad_loss, grad_logits, *_unused):
         grad_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     _lce_bwd_op(dh, dw, db, grad_loss)
     if grad_logits is not None:
-        ldh, ldw, ldb = _linear_backward(grad_logits, hidden, weight, need_dh, need_dw, need_db and db.numel() > 0,
+        ldh, ldw, ldb = linear_backward(grad_logits, hidden, weight, need_dh, need_dw, need_db and db.numel() > 0,
                                          db.dtype)
         dh = dh if ldh is None else dh + ldh
         dw = dw if ldw is None else dw + ldw
@@ -744,7 +735,7 @@ class _ReturnedLogitsGrad(torch.autograd.Function):
     def backward(ctx, g):
         hidden, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return (None, *_linear_backward(g, hidden, weight, need[1], need[2], ctx.has_bias and need[3], g.dtype))
+        return (None, *linear_backward(g, hidden, weight, need[1], need[2], ctx.has_bias and need[3], g.dtype))
 
 
 def attach_logits_grad(logits, hidden, weight, bias=None):

@@ -238,13 +238,6 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     if gqa_fold is not None and not isinstance(gqa_fold, bool):
         raise TypeError(f"tritonize: gqa_fold must be True, False or None, got {gqa_fold!r}")
     gqa_fold = drop_logits if gqa_fold is None else gqa_fold
-    if defer_logits is not None and not isinstance(defer_logits, bool):
-        raise TypeError(f"tritonize: defer_logits must be True, False or None, got {defer_logits!r}")
-    aot = rest == "inductor" or cudagraphs is True
-    if defer_logits and aot:
-        raise ValueError("tritonize: defer_logits=True needs rest='eager' and cudagraphs=False (AOTAutograd "
-                         "cannot return the deferred tensor; those modes skip the logits' backward instead)")
-    defer_logits = (not aot) if defer_logits is None else defer_logits
     options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs,
                    drop_logits=drop_logits, gqa_fold=gqa_fold, defer_logits=defer_logits)
     report = Report(type(model).__name__)

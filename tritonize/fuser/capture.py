@@ -88,13 +88,20 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
     """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
     drop_logits: None, or a callable telling at capture time whether returned LM-head logits may
     be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold,
-    defer_logits: see `tritonize`."""
+    defer_logits: see `tritonize` (False here by default: the registered torch.compile backend
+    returns plain logits)."""
     if rest not in RESTS:
         raise ValueError(f"tritonize: rest must be one of {RESTS}, got {rest!r}")
     if not isinstance(cudagraphs, bool):
         raise TypeError(f"tritonize: cudagraphs must be True or False, got {cudagraphs!r}")
     pats = select_patterns(patterns, exclude)
     aot = rest == "inductor" or cudagraphs  # the rewritten graph goes through AOTAutograd
+    if defer_logits is not None and not isinstance(defer_logits, bool):
+        raise TypeError(f"tritonize: defer_logits must be True, False or None, got {defer_logits!r}")
+    if defer_logits and aot:
+        raise ValueError("tritonize: defer_logits=True needs rest='eager' and cudagraphs=False (AOTAutograd "
+                         "cannot return the deferred tensor; those modes skip the logits' backward instead)")
+    defer_logits = (not aot) if defer_logits is None else defer_logits  # None: on where possible
     # patterns that decline with a reason in rest="inductor" unless the user named them (see
     # patterns/__init__.py LEAVE_TO_INDUCTOR for the measurement)
     leave = LEAVE_TO_INDUCTOR if rest == "inductor" and patterns is None else ()
@@ -106,8 +113,7 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         backup = _copy_graph_module(gm)
         try:
             transform(gm, report, pats, options={"drop_logits": bool(drop_logits is not None and drop_logits()),
-                                                 "gqa_fold": bool(gqa_fold), "lazy_logits_grad": aot, "aot": aot,
-                                                 "defer_logits": bool(defer_logits) and not aot,
+                                                 "gqa_fold": bool(gqa_fold), "aot": aot, "defer_logits": defer_logits,
                                                  "leave_to_inductor": leave, "size_policy": size_policy})
             lazy = lift_returned_logits(gm) if aot else None
         except Exception as e:  # a bug in the pass must not break the user's model

@@ -265,7 +265,7 @@ class LinearCrossEntropy(Pattern):
                           h, m["w"], m["t"], m["b"], m["ii"], m["red"])
             logits = m.getitem(both, 1)
             m.note = "logits returned: written by the fused LM head + loss (one matmul pass)"
-            if m.options.get("lazy_logits_grad") and all(u.op == "output" for u in outside) and \
+            if m.options.get("aot") and all(u.op == "output" for u in outside) and \
                     _requires_grad(m, "h", "w", "b"):
                 # The graph goes through AOTAutograd, which hands the backward a materialised
                 # ZERO gradient for every returned output the caller did not differentiate: the

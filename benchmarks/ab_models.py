@@ -21,6 +21,7 @@ Per round the host probe is printed too, so a drift is visible. Peak memory is n
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import statistics
@@ -33,23 +34,23 @@ from benchmarks._common import host_probe_us
 from benchmarks.bench_models import FULL, build_train_model, make_runner, train_step
 
 
+def _literal(text: str):
+    """A Python literal where `text` parses as one (False, 3, 'x'), else the text itself (norm)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def parse_impl(spec: str):
     """'tritonize:exclude=norm+linear_act;defer_logits=False' -> ('tritonize', {...})."""
-    import ast
-
     impl, _, opts = spec.partition(":")
     options = {}
     for item in (o for o in opts.split(";") if o):
         key, _, value = item.partition("=")
         parts = value.split("+")
-
-        def lit(x):
-            try:
-                return ast.literal_eval(x)
-            except (ValueError, SyntaxError):
-                return x
-
-        options[key] = tuple(lit(x) for x in parts) if len(parts) > 1 or key in ("exclude", "patterns") else lit(value)
+        tuple_valued = len(parts) > 1 or key in ("exclude", "patterns")
+        options[key] = tuple(_literal(x) for x in parts) if tuple_valued else _literal(value)
     if options and not impl.startswith("tritonize"):
         raise ValueError(f"options apply to tritonize rows only: {spec!r}")
     return impl, options

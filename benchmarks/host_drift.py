@@ -43,13 +43,18 @@ def main() -> int:
         torch.cuda.synchronize()
         ts = []
         for _ in range(n):
-            t0 = time.perf_counter(); step(); torch.cuda.synchronize(); ts.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
         ts.sort()
         print(f"{label:40s} median {ts[n//2]:6.2f} ms  min {ts[0]:6.2f}  probe {probe():5.2f} us/op", flush=True)
 
     print("threads:", [t.name for t in threading.enumerate()], "affinity:", sorted(os.sched_getaffinity(0)), "switchinterval", sys.getswitchinterval())
     timed("baseline")
-    sys.setswitchinterval(1e-4); timed("switchinterval 1e-4"); sys.setswitchinterval(0.005)
+    sys.setswitchinterval(1e-4)
+    timed("switchinterval 1e-4")
+    sys.setswitchinterval(0.005)
     with torch.autograd.set_multithreading_enabled(False):
         timed("autograd on the calling thread")
     timed("baseline again")

@@ -58,6 +58,8 @@ Correctness notes (each is tested in tests/fuser/test_sdpa_repeat_kv.py):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -188,16 +190,16 @@ def sdpa_repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_rep: int
     if n_rep == 1:  # transformers' repeat_kv returns its input then: nothing to save memory on
         return F.scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale=scale)
     k_rep, v_rep = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and torch._C._autograd._saved_tensors_hooks_is_enabled()):
-        return F.scaled_dot_product_attention(q, k_rep, v_rep, None, dropout_p, is_causal, scale=scale)
-    saved = _SavedRepeats()
-    saved.add(k_rep, k, n_rep)
-    saved.add(v_rep, v, n_rep)
-    if not saved.by_ptr:
-        return F.scaled_dot_product_attention(q, k_rep, v_rep, None, dropout_p, is_causal, scale=scale)
+    saved = None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
+            and torch._C._autograd._saved_tensors_hooks_is_enabled():
+        saved = _SavedRepeats()
+        saved.add(k_rep, k, n_rep)
+        saved.add(v_rep, v, n_rep)
+    hooked = saved is not None and bool(saved.by_ptr)
     # only the SDPA call is hooked (the repeat above saves nothing and is differentiated as usual)
-    with saved.hooks():
+    with saved.hooks() if hooked else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(q, k_rep, v_rep, None, dropout_p, is_causal, scale=scale)
-    saved.by_ptr = {}  # no more packing: drop the references to k and v held for matching
+    if hooked:
+        saved.by_ptr = {}  # no more packing: drop the references to k and v held for matching
     return out

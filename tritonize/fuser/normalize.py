@@ -27,6 +27,7 @@ pattern is written once, against the canonical form this pass produces:
                                                                  to the dtype/device x already has is removed
     arithmetic         operator.mul/add/sub/truediv(a, b)     <- torch.mul, x.mul, ...; a python scalar
                                                                  operand of mul/add goes second
+    neg, cat           operator.neg(x), torch.cat(tensors, dim) <- torch.neg, x.neg(), torch.concat, dim=
     pow, rsqrt, mean   torch.pow(x, e), torch.rsqrt(x), torch.mean(x, dim, keepdim)
     masked_fill/where  torch.masked_fill(x, m, v), torch.where(c, a, b)
     losses             F.cross_entropy(all 8 args), F.nll_loss(all 7 args)
@@ -103,6 +104,8 @@ CANON: dict[str, tuple[Callable, list, list]] = {
     "add": (operator.add, [("input", REQ), ("other", REQ)], []),
     "sub": (operator.sub, [("input", REQ), ("other", REQ)], []),
     "truediv": (operator.truediv, [("input", REQ), ("other", REQ)], []),
+    "neg": (operator.neg, [("input", REQ)], []),
+    "cat": (torch.cat, [("tensors", REQ), ("dim", 0)], []),
 }
 
 # where the same op arrives under another name: call_function targets, then call_method names.
@@ -149,12 +152,16 @@ _FUNCTION_SOURCES: dict[Any, str] = {
     torch.div: "truediv",
     torch.true_divide: "truediv",
     operator.truediv: "truediv",
+    torch.neg: "neg",
+    operator.neg: "neg",
+    torch.cat: "cat",
+    torch.concat: "cat",
 }
 _METHOD_SOURCES = {
     "softmax": "softmax", "log_softmax": "log_softmax", "matmul": "matmul", "__matmul__": "matmul",
     "transpose": "transpose", "swapaxes": "transpose", "rsqrt": "rsqrt", "pow": "pow", "__pow__": "pow",
     "mean": "mean", "masked_fill": "masked_fill", "mul": "mul", "add": "add", "sub": "sub", "div": "truediv",
-    "true_divide": "truediv", "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
+    "true_divide": "truediv", "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "neg": "neg", "__neg__": "neg",
 }
 # source-specific extra parameters: F.softmax(input, dim, _stacklevel, dtype); torch.softmax(x, dim, dtype)
 _EXTRA = {
@@ -446,6 +453,56 @@ def _normalize_node(graph, node, has_meta):
         bound["input"] = _make_cast_node(graph, node, bound["input"], dtype, has_meta)
     new = _canonical_node(graph, node, name, bound)
     _replace(node, new)
+    if name == "cat" and has_meta:
+        _fold_cat_of_empty(graph, new)
+
+
+def _fold_cat_of_empty(graph, node):
+    """torch.cat([empty, x], dim) -> x, where `empty` is a 1-D tensor of no elements made in the
+    graph (`torch.tensor([])`): cat skips such tensors, so the result equals x, and only the copy
+    goes. transformers' DynamicCache starts each layer's cache this way (`torch.cat([self.keys,
+    key_states], dim=-2)` on a fresh `torch.tensor([])`), in training too (use_cache defaults
+    on): two copies of k and v per layer, kept alive as graph outputs until the forward returns.
+    The result then aliases x instead of being a fresh tensor, so the fold is made only where
+    neither is written in place in the graph (an in-place write by the caller afterwards bumps x's
+    version and autograd raises if x was saved; it is never silently wrong)."""
+    tensors, _ = node.args
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+        return
+    empties = [t for t in tensors if _is_fresh_empty(t)]
+    rest = [t for t in tensors if t not in empties]
+    if len(rest) != 1 or not isinstance(rest[0], fx.Node):
+        return
+    x, out = val(rest[0]), val(node)
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dtype == out.dtype
+            and _same_device(x.device, out.device) and tuple(x.shape) == tuple(out.shape)):
+        return
+    if _written_in_place(node) or _written_in_place(rest[0]):
+        return
+    _replace(node, rest[0])
+    for e in empties:
+        if not e.users:
+            graph.erase_node(e)
+
+
+def _is_fresh_empty(t) -> bool:
+    if not (isinstance(t, fx.Node) and t.op == "call_function" and t.target is torch.tensor):
+        return False
+    v = val(t)
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == 0 and len(t.users) == 1
+
+
+def _written_in_place(n: fx.Node) -> bool:
+    for u in n.users:
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
+            return True
+        if u.target is operator.setitem or "out" in u.kwargs:
+            return True
+        schema = getattr(u.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
 
 
 def _norm_dim(x, d, has_meta):

@@ -182,8 +182,10 @@ def _escape_reason(nodes, returning, escapable=()) -> str | None:
 def _apply(graph: fx.Graph, m: Match, kfn) -> str | None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     first_ret = min(m.returning, key=lambda n: order[n])
-    inputs = [v for v in m.bind.values() if isinstance(v, fx.Node)]
-    for v in m.bind.values():  # nodes nested in bound tuples (shapes with SymInts)
+    unused = m.pattern.unused_inputs(m)
+    read = [v for k, v in m.bind.items() if k not in unused]
+    inputs = [v for v in read if isinstance(v, fx.Node)]
+    for v in read:  # nodes nested in bound tuples (shapes with SymInts)
         if isinstance(v, (list, tuple)):
             inputs += [a for a in v if isinstance(a, fx.Node)]
     late = [n for n in inputs if order.get(n, -1) >= order[first_ret]]

@@ -9,6 +9,7 @@ Public functional API (torch-style signatures):
     gated_linear(x, w_gate, w_up, activation="silu")
     gated_mlp(x, w_gate, w_up, w_down, activation="silu")   # + the down projection, product not saved
     attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0)
+    rotary_embedding(q, k, cos, sin)            # HF's apply_rotary_pos_emb, q and k in one launch
     cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0)
     linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
     linear_cross_entropy_with_logits(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean")
@@ -38,6 +39,7 @@ _EXPORTS = {
     "linear_cross_entropy": "linear_cross_entropy",
     "linear_cross_entropy_with_logits": "linear_cross_entropy",
     "deferred_linear": "deferred_logits",
+    "rotary_embedding": "rotary",
 }
 
 __all__ = sorted(_EXPORTS)

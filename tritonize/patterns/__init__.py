@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-FAMILIES = ("attention", "norm", "linear_act", "cross_entropy", "dropout")
+FAMILIES = ("attention", "norm", "linear_act", "rotary", "cross_entropy", "dropout")
 
 _REGISTRY: dict[str, "Pattern"] = {}
 
@@ -180,8 +180,9 @@ NOT_THIS_VARIANT = "not this variant"
 # GPU time (22.4 / 22.4 / 21.4 ms): each of our ops is a Python call in Inductor's otherwise
 # generated graph, and this step is host-bound. Llama 12L B4 T2048 was unaffected by leaving the
 # norms (209k vs 201-211k tok/s, GPU-bound). Inductor fuses a norm or a linear's activation with
-# its neighbours as well as we do; gated MLPs, the LM head + loss and attention stay ours.
-LEAVE_TO_INDUCTOR = ("linear_act", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm")
+# its neighbours as well as we do; gated MLPs, the LM head + loss and attention stay ours. Rotary
+# embeddings are element-wise maps Inductor fuses with the q/k projections' epilogues and views.
+LEAVE_TO_INDUCTOR = ("linear_act", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "rotary_qk", "rotary")
 LEFT_TO_INDUCTOR = ("left to Inductor (rest='inductor': measured faster there; "
                     "name it in tritonize(patterns=...) to fuse it anyway)")
 
@@ -238,6 +239,11 @@ class Pattern:
     def escapable(self, m: Match) -> set:
         """Matched intermediates that may also be used outside the match: the replacement must
         then leave them computing what they computed (they are kept while they have users)."""
+        return set()
+
+    def unused_inputs(self, m: Match) -> set:
+        """Names of wildcards the replacement does not read (checked by the guard only, e.g. the
+        slices of an input): the rewrite does not require them to be computed before the call."""
         return set()
 
     def site_nodes(self, m: Match) -> list:

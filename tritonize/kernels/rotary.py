@@ -27,7 +27,7 @@ Layout: any strides. q, k are taken as up-to-4-D (B, H, T, D) with their own str
 passes transposed views (B, T, H, D) -> (B, H, T, D)), rows walked in memory order; cos and sin
 broadcast by stride 0. The output has x's layout (torch.empty_like), as torch's element-wise ops
 give. Inputs of more than 4 dims are reshaped to 4 (a copy only when their leading dims cannot
-merge).
+merge) and get a row-major output.
 
 Gradients for cos and sin (rarely wanted: transformers computes them from a buffer without grad)
 are computed with plain torch ops when requested, from the saved x.
@@ -160,7 +160,10 @@ def _group(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def rotary_launch(xs: list, cos: torch.Tensor, sin: torch.Tensor, out_dtypes: list, backward: bool) -> list:
     """Rotate each tensor of `xs` (one or two, same last dim D) in one launch; returns new tensors
     of x's layout and `out_dtypes`. backward=True applies the transposed map (xs are gradients)."""
-    ys = [torch.empty_like(x, dtype=dt) for x, dt in zip(xs, out_dtypes)]
+    # x's layout (dense x), as torch's element-wise ops give; above 4 dims a row-major y, so that
+    # _group's merge of its leading dims is always a view (never a copy the kernel would write)
+    ys = [torch.empty_like(x, dtype=dt) if x.dim() <= 4 else torch.empty(x.shape, dtype=dt, device=x.device)
+          for x, dt in zip(xs, out_dtypes)]
     d = xs[0].shape[-1]
     half = d // 2
     block_h = next_pow2(half)
@@ -294,8 +297,11 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def _out_dtype(x, cos, sin):
-    # what `x * cos + rotate_half(x) * sin` gives in torch
-    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    # what `x * cos + rotate_half(x) * sin` gives in torch (result_type: a 0-d cos does not
+    # promote a tensor of the same category)
+    if cos.dtype == x.dtype and sin.dtype == x.dtype:
+        return x.dtype
+    return torch.promote_types(torch.result_type(x, cos), torch.result_type(x, sin))
 
 
 def _fits(t, x) -> bool:

@@ -157,7 +157,7 @@ def test_cache_cat_of_empty_folded(monkeypatch):
 class CacheWritten(Cache):
     def forward(self, x):
         k = self.k(x)
-        keys = torch.cat([torch.tensor([], dtype=k.dtype), k], dim=-2)
+        keys = torch.cat([torch.tensor([], dtype=k.dtype, device=k.device), k], dim=-2)
         keys.mul_(2)  # written in place: folding would write k, so the cat stays
         return keys, k
 

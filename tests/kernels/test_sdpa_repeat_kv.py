@@ -315,7 +315,8 @@ def _targets(model, x, options):
 @pytest.mark.parametrize("mask", [False, True])
 def test_pattern_rewrites_kept_repeated_sdpa(kept_sdpa, mask):
     x = torch.randn(2, 7, 32)
-    rep = check_parity(LlamaAttention(mask=mask), [x], {"sdpa": 1}, atol=1e-5, rtol=1e-5)
+    # gqa_fold=False: the default folds the repeat into enable_gqa in rest="eager" (test_pattern_options)
+    rep = check_parity(LlamaAttention(mask=mask), [x], {"sdpa": 1}, atol=1e-5, rtol=1e-5, gqa_fold=False)
     site, = [s for s in rep.sites if s.pattern == "sdpa"]
     assert site.fused and kept_sdpa.REPEAT_RECOMPUTED in site.note, site.note
     assert ("proven causal" in site.note) == mask, site.note
@@ -325,6 +326,13 @@ def test_pattern_rewrites_kept_repeated_sdpa(kept_sdpa, mask):
     names = [getattr(t, "__name__", str(t)) for t in targets]
     # the repeats (and a proven-causal mask's construction) are gone; the reshape is o's head merge
     assert "expand" not in names and "arange" not in names and names.count("reshape") == 1, names
+
+
+def test_default_folds_gqa_in_eager_rest(kept_sdpa):
+    x = torch.randn(2, 7, 32)
+    rep = check_parity(LlamaAttention(), [x], {"sdpa": 1}, atol=1e-5, rtol=1e-5)
+    site, = [s for s in rep.sites if s.pattern == "sdpa"]
+    assert "enable_gqa=True" in site.note and kept_sdpa.REPEAT_RECOMPUTED not in site.note, site.note
 
 
 def test_pattern_options(kept_sdpa):
@@ -358,14 +366,15 @@ def test_pattern_on_cpu_without_the_switch(monkeypatch):
     assert "repeat_kv folded" in site.note, site.note
 
 
-def test_pattern_dropout(kept_sdpa):
+@pytest.mark.parametrize("gqa_fold", [False, None])
+def test_pattern_dropout(kept_sdpa, gqa_fold):
     """Training with attention dropout: torch's SDPA draws the mask as in eager (same seed, same
-    output and gradients)."""
+    output and gradients), on the repeated heads (gqa_fold=False) and folded (the default)."""
     from tritonize import tritonize
 
     model = LlamaAttention(dropout=0.25).train()
     ref = copy.deepcopy(model)
-    tritonize(model)
+    tritonize(model, gqa_fold=gqa_fold)
     x = torch.randn(2, 7, 32)
     outs = []
     for m in (model, ref):
@@ -377,7 +386,8 @@ def test_pattern_dropout(kept_sdpa):
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     site, = [s for s in tritonize.report(model).sites if s.pattern == "sdpa"]
-    assert site.fused and kept_sdpa.REPEAT_RECOMPUTED in site.note, site.note
+    want = kept_sdpa.REPEAT_RECOMPUTED if gqa_fold is False else "enable_gqa=True"
+    assert site.fused and want in site.note, site.note
 
 
 def test_no_reference_cycle():

@@ -187,3 +187,28 @@ def test_llama_drop_logits_in_training():
     ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_registered_backend_fuses_lm_head_and_loss():
+    """torch.compile(model, backend="tritonize") on an HF causal LM: transformers' warning_once
+    in the loss property must not break the graph (it did: the LM head and the loss then sat in
+    two graphs and could not fuse). One graph, the LM head fused into the loss, loss and
+    gradients as eager."""
+    from tritonize.fuser.report import Report
+
+    model, _, _ = _gpt2("sdpa")
+    model = model.to(DEVICE).train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 16), device=DEVICE)
+    rep = Report("registered backend")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="tritonize", options={"report": rep})
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-4)
+    loss.backward()
+    loss_ref.backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {n}: {m}")
+    assert rep.captures == 1, str(rep)
+    assert rep.count("linear_cross_entropy") == 1, str(rep)

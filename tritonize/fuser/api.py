@@ -238,10 +238,6 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
         return model
     if not isinstance(drop_logits, bool):
         raise TypeError(f"tritonize: drop_logits must be True or False, got {drop_logits!r}")
-    if gqa_fold is not None and not isinstance(gqa_fold, bool):
-        raise TypeError(f"tritonize: gqa_fold must be True, False or None, got {gqa_fold!r}")
-    if gqa_fold is None:
-        gqa_fold = drop_logits or (rest == "eager" and not cudagraphs)
     options = dict(patterns=patterns, exclude=exclude, rest=rest, strict=strict, dynamic=dynamic, cudagraphs=cudagraphs,
                    drop_logits=drop_logits, gqa_fold=gqa_fold, defer_logits=defer_logits)
     report = Report(type(model).__name__)

@@ -84,10 +84,11 @@ def transform(gm: fx.GraphModule, report: Report, patterns, *, has_meta=True, op
 
 
 def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict=False, cudagraphs=False,
-                 drop_logits=None, gqa_fold=False, defer_logits=False):
+                 drop_logits=None, gqa_fold=None, defer_logits=False):
     """A Dynamo backend `(gm, example_inputs) -> callable` that fuses and records into `report`.
     drop_logits: None, or a callable telling at capture time whether returned LM-head logits may
-    be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold,
+    be dropped (tritonize(drop_logits=True) passes "the model is in training mode"); gqa_fold:
+    see `tritonize` (None: on with rest="eager" and no cudagraphs, or with drop_logits);
     defer_logits: see `tritonize` (False here by default: the registered torch.compile backend
     returns plain logits)."""
     if rest not in RESTS:
@@ -102,6 +103,10 @@ def make_backend(report: Report, patterns=None, exclude=(), rest="eager", strict
         raise ValueError("tritonize: defer_logits=True needs rest='eager' and cudagraphs=False (AOTAutograd "
                          "cannot return the deferred tensor; those modes skip the logits' backward instead)")
     defer_logits = (not aot) if defer_logits is None else defer_logits  # None: on where possible
+    if gqa_fold is not None and not isinstance(gqa_fold, bool):
+        raise TypeError(f"tritonize: gqa_fold must be True, False or None, got {gqa_fold!r}")
+    if gqa_fold is None:  # measured faster in the eager-rest mode (tritonize's docstring)
+        gqa_fold = not aot or drop_logits is not None
     # patterns that decline with a reason in rest="inductor" unless the user named them (see
     # patterns/__init__.py LEAVE_TO_INDUCTOR for the measurement)
     leave = LEAVE_TO_INDUCTOR if rest == "inductor" and patterns is None else ()

@@ -25,15 +25,18 @@ launch covers both q and k, each element read and written once, math in fp32 and
 
 Layout: any strides. q, k are taken as up-to-4-D (B, H, T, D) with their own strides (transformers
 passes transposed views (B, T, H, D) -> (B, H, T, D)), rows walked in memory order; cos and sin
-broadcast by stride 0. The output has x's layout (torch.empty_like), as torch's element-wise ops
-give. Inputs of more than 4 dims are reshaped to 4 (a copy only when their leading dims cannot
-merge) and get a row-major output.
+broadcast by stride 0. The output is contiguous (see OUT_CONTIGUOUS: the attention that follows
+runs faster on it), the gradients of q and k come back in q's and k's own layout when that is
+dense (else contiguous). Inputs of more than 4 dims are reshaped to 4 (a copy only when their
+leading dims cannot merge).
 
 Gradients for cos and sin (rarely wanted: transformers computes them from a buffer without grad)
 are computed with plain torch ops when requested, from the saved x.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -47,6 +50,13 @@ from ._norm_common import cdiv, device_ctx, next_pow2
 # Elements (pairs) per program: ~2048 pairs keeps 4 warps busy with 16 loads each in flight; the
 # interpreter runs programs one after another, so there fewer, larger tiles are faster.
 TILE = 16384 if INTERPRET else 2048
+
+# Output layout of the forward: contiguous (B, H, T, D), not x's layout. Measured (H100, Llama's
+# q B4 H16 T2048 D64, k with 8 heads, bf16): cuDNN's SDPA that follows runs fwd+bwd in 0.430 ms on
+# contiguous q, k against 0.548 ms on transformers' (B, T, H, D)-strided views, 12 layers -> 1.4 ms
+# per step. The gradients go back in the inputs' own layout (so the projections' backward reshapes
+# them without a copy). TRITONIZE_ROTARY_OUT=input keeps x's layout (A/B switch).
+OUT_CONTIGUOUS = os.environ.get("TRITONIZE_ROTARY_OUT", "contiguous") != "input"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +167,25 @@ def _group(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return [x, y, cos, sin, shape[0] * shape[1] * shape[2], shape[1], shape[2], *sx, *sy, *sc, *ss]
 
 
-def rotary_launch(xs: list, cos: torch.Tensor, sin: torch.Tensor, out_dtypes: list, backward: bool) -> list:
+def _dense_strides(x: torch.Tensor):
+    """x's strides when x is non-overlapping and dense (a permutation of a contiguous layout, as
+    transformers' transposed q, k and their gradients are), else None."""
+    if x.is_contiguous():
+        return x.stride()
+    span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if n > 0)
+    if span != x.numel() or any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())):
+        return None
+    return x.stride()
+
+
+def rotary_launch(xs: list, cos: torch.Tensor, sin: torch.Tensor, out_dtypes: list, backward: bool,
+                  layouts=None) -> list:
     """Rotate each tensor of `xs` (one or two, same last dim D) in one launch; returns new tensors
-    of x's layout and `out_dtypes`. backward=True applies the transposed map (xs are gradients)."""
-    # x's layout (dense x), as torch's element-wise ops give; above 4 dims a row-major y, so that
-    # _group's merge of its leading dims is always a view (never a copy the kernel would write)
-    ys = [torch.empty_like(x, dtype=dt) if x.dim() <= 4 else torch.empty(x.shape, dtype=dt, device=x.device)
-          for x, dt in zip(xs, out_dtypes)]
+    of `out_dtypes`, contiguous, or with the strides `layouts[i]` where given (a dense layout of
+    x's shape). backward=True applies the transposed map (xs are gradients)."""
+    ys = [torch.empty(x.shape, dtype=dt, device=x.device) if layouts is None or layouts[i] is None or x.dim() > 4
+          else torch.empty_strided(x.shape, layouts[i], dtype=dt, device=x.device)
+          for i, (x, dt) in enumerate(zip(xs, out_dtypes))]
     d = xs[0].shape[-1]
     half = d // 2
     block_h = next_pow2(half)
@@ -207,17 +229,17 @@ def _cos_sin_grads(dys, xs, cos, sin, need_cos: bool, need_sin: bool):
 def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     out_dtype = x.dtype if backward else _out_dtype(x, cos, sin)
     if use_triton(x):
-        return rotary_launch([x], cos, sin, [out_dtype], backward)[0]
+        return rotary_launch([x], cos, sin, [out_dtype], backward)[0]  # contiguous (the fake's layout)
     if backward:  # the transposed map: dx = g cos + rotate_half^T(g sin)
         gs = (x.float() * sin.float())
         h = x.shape[-1] // 2
         return (x.float() * cos.float() + torch.cat((gs[..., h:], -gs[..., :h]), -1)).to(out_dtype)
-    return rotary_reference(x, cos, sin).to(out_dtype)
+    return rotary_reference(x, cos, sin).to(out_dtype).contiguous()
 
 
 @_rotary_op.register_fake
 def _(x, cos, sin, backward):
-    return torch.empty_like(x, dtype=x.dtype if backward else _out_dtype(x, cos, sin))
+    return torch.empty(x.shape, dtype=x.dtype if backward else _out_dtype(x, cos, sin), device=x.device)
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,7 +267,9 @@ class _RotaryFn(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         xs = [q] if k is None else [q, k]
         out_dtypes = [_out_dtype(x, cos, sin) for x in xs]
-        ys = rotary_launch(xs, cos, sin, out_dtypes, False)
+        # forward output contiguous, gradients back in the inputs' layout: see the module doc
+        ctx.layouts = [_dense_strides(x) for x in xs]
+        ys = rotary_launch(xs, cos, sin, out_dtypes, False, None if OUT_CONTIGUOUS else ctx.layouts)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no launch for it
         ctx.need_cs = (cos.requires_grad, sin.requires_grad)
         ctx.x_dtypes = [x.dtype for x in xs]
@@ -262,7 +286,8 @@ class _RotaryFn(torch.autograd.Function):
         live = [i for i, g in enumerate(gs) if g is not None]
         dxs = [None, None]
         if live:
-            outs = rotary_launch([gs[i] for i in live], cos, sin, [ctx.x_dtypes[i] for i in live], True)
+            outs = rotary_launch([gs[i] for i in live], cos, sin, [ctx.x_dtypes[i] for i in live], True,
+                                 [ctx.layouts[i] for i in live])
             for i, o in zip(live, outs):
                 dxs[i] = o
         dcos = dsin = None

@@ -172,9 +172,13 @@ def _dense_strides(x: torch.Tensor):
     transformers' transposed q, k and their gradients are), else None."""
     if x.is_contiguous():
         return x.stride()
-    span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if n > 0)
-    if span != x.numel() or any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())):
-        return None
+    # dense and non-overlapping: the dims of size > 1, sorted by stride, have the strides of a
+    # contiguous tensor of those sizes (1, n0, n0 * n1, ...)
+    expected = 1
+    for st, n in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
+        if st != expected:
+            return None
+        expected *= n
     return x.stride()
 
 

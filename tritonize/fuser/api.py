@@ -216,8 +216,8 @@ def tritonize(model: nn.Module, *, patterns=None, exclude=(), rest: str = "eager
     0.4 GB less peak memory), nor the repeat's copies and saved-tensor hooks run per layer. None
     (default): on with rest="eager" without cudagraphs (measured faster: Llama 12L B4 T2048,
     H100, interleaved in one process, 38.4 vs 53.4 ms per step, session 7 run 1) and with
-    drop_logits; off in the AOTAutograd modes (rest="inductor", cudagraphs=True), measured
-    there before (session 4: SDPA's GQA backward was 8% of the step slower). Calls that go to
+    drop_logits; off in the AOTAutograd modes (rest="inductor", cudagraphs=True), where it
+    measured neutral (Llama rest="inductor": 39.09 vs 39.15 ms, session 7 run 14). Calls that go to
     our attention kernel always take the kv heads as they are (its GQA costs nothing extra).
     defer_logits: in training (gradients on), when the model computes its loss from its LM head
     and only returns the logits, return them as a DeferredLogits (kernels/deferred_logits.py):

@@ -56,6 +56,23 @@ def parse_impl(spec: str):
     return impl, options
 
 
+def warm_steps(impls, base, ids, dev) -> dict:
+    """{impl: train-step function} on a copy of `base` each, every one run 3 times (compile /
+    capture / autotune, then warm); the time of those first steps goes to stderr."""
+    steps = {}
+    for impl in impls:
+        model = copy.deepcopy(base)
+        name, options = parse_impl(impl)
+        steps[impl] = train_step(make_runner(model, name, **options), model, ids, dev)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            steps[impl]()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        print(f"# {impl}: first 3 steps {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return steps
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2", choices=sorted(k for k, v in FULL.items() if v["task"] == "train"))
@@ -77,17 +94,7 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    steps = {}
-    for impl in impls:
-        model = copy.deepcopy(base)
-        name, options = parse_impl(impl)
-        runner = make_runner(model, name, **options)
-        steps[impl] = train_step(runner, model, ids, dev)
-        t0 = time.perf_counter()
-        for _ in range(3):  # compile / capture / autotune, then warm
-            steps[impl]()
-        sync()
-        print(f"# {impl}: first 3 steps {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    steps = warm_steps(impls, base, ids, dev)
     del base
 
     per_round = {impl: [] for impl in impls}

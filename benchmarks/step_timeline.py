@@ -13,15 +13,14 @@ benchmark table (bench_models and ab_models are those). CUDA only.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import time
 
 import torch
 
-from benchmarks.ab_models import parse_impl
-from benchmarks.bench_models import FULL, build_train_model, make_runner, train_step
+from benchmarks.ab_models import warm_steps
+from benchmarks.bench_models import FULL, build_train_model
 
 
 class _GcClock:
@@ -50,14 +49,7 @@ def main(argv=None) -> int:
     impls = [i for i in args.impls.split(",") if i]
     base, ids, dev = build_train_model(args.model, False)
     clock = _GcClock()
-    steps = {}
-    for impl in impls:
-        model = copy.deepcopy(base)
-        name, options = parse_impl(impl)
-        steps[impl] = train_step(make_runner(model, name, **options), model, ids, dev)
-        for _ in range(3):  # capture / compile, then warm
-            steps[impl]()
-        torch.cuda.synchronize()
+    steps = warm_steps(impls, base, ids, dev)
     del base
     for b in range(args.blocks):
         for impl in impls:

@@ -116,20 +116,28 @@ def _once_methods() -> set:
     return _ONCE[key]
 
 
+def ignored_logger_methods():
+    """Dynamo's `ignore_logger_methods` with `warning_once` added, or None when that is already
+    so (or this torch / no library has the setting or the method)."""
+    import torch._dynamo.config as dcfg
+
+    once = _once_methods()
+    if not once or not hasattr(dcfg, "ignore_logger_methods"):
+        return None
+    current = set(dcfg.ignore_logger_methods)
+    if once <= current:
+        return None
+    _json_safe_config_logging()
+    return current | once
+
+
 def _quiet_loggers():
     import contextlib
 
     import torch._dynamo.config as dcfg
 
-    name = "ignore_logger_methods" if hasattr(dcfg, "ignore_logger_methods") else None
-    once = _once_methods()
-    if name is None or not once:
-        return contextlib.nullcontext()
-    current = set(getattr(dcfg, name))
-    if once <= current:
-        return contextlib.nullcontext()
-    _json_safe_config_logging()
-    return dcfg.patch(**{name: current | once})
+    methods = ignored_logger_methods()
+    return contextlib.nullcontext() if methods is None else dcfg.patch(ignore_logger_methods=methods)
 
 
 _JSON_SAFE = [False]

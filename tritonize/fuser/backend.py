@@ -27,13 +27,11 @@ def ignore_warning_once() -> None:
     under torch.compile such warnings are not printed, as under `tritonize()`."""
     import torch._dynamo.config as dcfg
 
-    from tritonize.fuser.api import _json_safe_config_logging, _once_methods
+    from tritonize.fuser.api import ignored_logger_methods
 
-    once = _once_methods()
-    if not once or not hasattr(dcfg, "ignore_logger_methods") or once <= set(dcfg.ignore_logger_methods):
-        return
-    _json_safe_config_logging()
-    dcfg.ignore_logger_methods = set(dcfg.ignore_logger_methods) | once
+    methods = ignored_logger_methods()
+    if methods is not None:
+        dcfg.ignore_logger_methods = methods
 
 
 ignore_warning_once()

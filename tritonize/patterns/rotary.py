@@ -77,12 +77,13 @@ def _halves_problem(m, x, x1, x2, dim) -> str | None:
 
 
 def _slice_source(node):
+    """The tensor `node` indexes (`src[...]`), or None when node is no getitem."""
     return node.args[0] if getattr(node, "op", None) == "call_function" and node.target is operator.getitem else None
 
 
 def _slice_of(node, src, d):
     """(start, stop) when `node` is src[..., start:stop] (step 1) along the last dim, else None."""
-    if getattr(node, "op", None) != "call_function" or node.target is not operator.getitem or node.args[0] is not src:
+    if _slice_source(node) is not src:
         return None
     idx = node.args[1]
     if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)):

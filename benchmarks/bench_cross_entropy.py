@@ -14,7 +14,8 @@ linear_cross_entropy at N=8192, V=128256, H=2048 and 4096: time, TFLOP/s (6 N H 
 dhidden, dweight) against the bf16 matmul ceiling, peak memory above the inputs (the gradients
 themselves count: every implementation returns them). Our chunk size is swept too (impl
 "tritonize (chunk C)"): the chunk's logits (C x V) are the only transient, and dW's in-place
-accumulation (read + write of V x H per chunk) is memory-bound below C ~ 500.
+accumulation (read + write of V x H per chunk) is memory-bound below C ~ 500. "tritonize (lean)"
+is chunk_size="lean": Liger's chunk buffer, twice the rows over half the vocabulary at a time.
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def bench_lce(b: Bench, quick: bool, peak_tflops: float, no_compile: bool = Fals
                 add("tritonize (custom op)", lambda: linear_cross_entropy(hid, w, t).backward())
             for c in LCE_CHUNKS:
                 add(f"tritonize (chunk {c})", lambda c=c: linear_cross_entropy(hid, w, t, chunk_size=c).backward())
+        # the least memory (Liger's chunk buffer), vocabulary slices: always run (the quick run too)
+        add("tritonize (lean)", lambda: linear_cross_entropy(hid, w, t, chunk_size="lean").backward())
         add("torch eager", lambda: eager(hid, w, t).backward())
         compiled = None if no_compile else try_compile(eager)
         if compiled is not None:

@@ -152,7 +152,7 @@ def test_bad_arguments(device):
         linear_cross_entropy(h, w, t[:-1])
     with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size'"):
         linear_cross_entropy(h, w, t, chunk_size=0)
-    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size' must be a positive int, 'wide'"):
+    with pytest.raises(ValueError, match=r"linear_cross_entropy.*'chunk_size' must be a positive int, 'wide', 'lean'"):
         linear_cross_entropy(h, w, t, chunk_size="narrow")
     with pytest.raises(ValueError, match=r"linear_cross_entropy.*'reduction'"):
         linear_cross_entropy(h, w, t, reduction="batchmean")
@@ -301,3 +301,67 @@ def test_second_backward_raises(device):
         # (custom op: autograd's own saved-tensor version check fires first, also an error)
         with pytest.raises(RuntimeError, match="backward ran twice|modified by an inplace operation"):
             loss.backward()
+
+
+def test_lean_vocabulary_slices(device, monkeypatch):
+    """chunk_size="lean": the vocabulary in slices (`_ce_slices`), the row normaliser merged across
+    them; every option against the fp32 reference, and against the plain chunk loop."""
+    from tritonize.kernels.linear_cross_entropy import LEAN, lean_plan, linear_cross_entropy_forward
+
+    mod = sys.modules["tritonize.kernels.linear_cross_entropy"]
+    calls = []
+    sliced = mod._sliced_chunks
+    monkeypatch.setattr(mod, "_sliced_chunks", lambda *a, **k: (calls.append(a[9:11]), sliced(*a, **k))[1])
+
+    # Liger's rows for (N, H, V) doubled, over two slices; one chunk when N is small
+    assert lean_plan(8192, 2048, 128256) == (512, 2) and lean_plan(8192, 4096, 128256) == (512, 2)
+    assert lean_plan(37, H, V) == (4, 2) and lean_plan(1, H, V) == (1, 1) and lean_plan(300, 512, 1100) == (256, 2)
+    n = 37  # lean_plan: 4-row chunks (nine, then 1 row), two slices of V = 1100 (560 + 540 columns)
+    for dtype in dtypes_for(device):
+        h, w, b, t = _inputs(device, dtype, n)
+        for reduction in ("mean", "sum", "none"):
+            go = torch.rand(n, device=device) + 0.5 if reduction == "none" else torch.tensor(0.7, device=device)
+            _check(device, dtype, h, w, b, t, go, f"lean {dtype} {reduction}", reduction=reduction, chunk_size="lean")
+    assert calls and all(c == (4, 2) for c in calls)  # (rows, slices): the sliced loop ran
+    dtype = dtypes_for(device)[-1]
+    h, w, b, t = _inputs(device, dtype, n)
+    one = torch.tensor(1.0, device=device)
+    _check(device, dtype, h * 4, w, b, t, one, "lean softcap+smoothing", logit_softcap=10.0, label_smoothing=0.1,
+           chunk_size="lean")  # fmt: skip
+    _check(device, dtype, h, w, None, t, torch.tensor(0.3, device=device), "lean normalizer, no bias", normalizer=11.0,
+           chunk_size="lean")  # fmt: skip
+    # a target in the last column of the first slice and in the first of the second; an odd V
+    # (padded to 16 columns: the last slice carries the padding)
+    h32, w32, b32, t32 = _inputs(device, torch.float32, n)
+    t32[0], t32[2] = 559, 560
+    ref = linear_cross_entropy_forward(h32, w32, t32, b32, chunk_size=8)
+    got = linear_cross_entropy_forward(h32, w32, t32, b32, chunk_size=LEAN)
+    for x, y, what in zip(got, ref, ("loss", "dh", "dW", "db")):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=what)
+    w_odd, b_odd = w32[:1093], b32[:1093]
+    t_odd = t32.clamp(max=1092)
+    ref = linear_cross_entropy_forward(h32, w_odd, t_odd, b_odd, chunk_size=8)
+    got = linear_cross_entropy_forward(h32, w_odd, t_odd, b_odd, chunk_size=LEAN)
+    for x, y, what in zip(got, ref, ("loss", "dh", "dW", "db")):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"odd V {what}")
+    # the loss alone (no gradients): one walk over the slices, no recomputation
+    with torch.no_grad():
+        y = linear_cross_entropy(h32, w32, t32, b32, chunk_size="lean")
+    torch.testing.assert_close(y, F.cross_entropy(F.linear(h32, w32, b32), t32))
+    # all targets ignored: loss 0 and zero gradients
+    leaves = [x.clone().requires_grad_() for x in (h32, w32, b32)]
+    y = linear_cross_entropy(leaves[0], leaves[1], torch.full_like(t32, -100), leaves[2], chunk_size="lean")
+    y.backward()
+    assert y.item() == 0.0 and all(torch.count_nonzero(x.grad) == 0 for x in leaves)
+    # the registered custom op (what torch.compile sees) takes the same path
+    fast = _run(lambda *a: linear_cross_entropy(a[0], a[1], t32, a[2], chunk_size="lean"), (h32, w32, b32), one)
+    monkeypatch.setattr(mod, "eager_fast_path", lambda _x: False)
+    n_calls = len(calls)
+    slow = _run(lambda *a: linear_cross_entropy(a[0], a[1], t32, a[2], chunk_size="lean"), (h32, w32, b32), one)
+    assert len(calls) > n_calls
+    for x, y in zip(fast, slow):
+        torch.testing.assert_close(x, y)
+    if device != "cpu":  # an out-of-range target: NaN loss (CPU targets raise before any launch)
+        tb = t32.clone()
+        tb[3] = V
+        assert torch.isnan(linear_cross_entropy(h32, w32, tb, chunk_size="lean"))

@@ -90,10 +90,10 @@ def lean_plan(n: int, h: int, v: int) -> tuple[int, int]:
     rows x V: C x V ~ N x H) holding twice the rows over half the vocabulary (`_ce_slices`: the
     loss normaliser needs a second walk over the slices, one of which is still in the buffer).
 
-    Measured on the H100 (bf16, N 8192, V 128256; GEMM skeleton with a CE stand-in, session 8):
-    H 2048: 28.3 ms against 33.5 ms for 256-row chunks over the whole vocabulary (same buffer);
-    H 4096: 53.7 vs 62.9. Half the dW passes (each a 0.53 / 1.08 ms memory-bound addmm) for one
-    recomputed half of the logits. More slices (4, 8) measured the same or slower.
+    Measured on the H100 (bf16, N 8192, V 128256, fwd+bwd, session 8 run 8): H 2048 27.8 ms
+    against 32.8 for 256-row chunks over the whole vocabulary (same buffer) and Liger's 34.7;
+    H 4096 52.4 vs 62.1 and 64.1. Half the dW passes (each a 0.53 / 1.08 ms memory-bound addmm)
+    for one recomputed half of the logits. 4 and 8 slices timed the same or slower (run 7).
     """
     liger = max(1, next_pow2(cdiv(n, cdiv(max(v, 1), h))))
     if 2 * liger > n or _padded(v) < 32:

@@ -32,7 +32,7 @@ import triton.language as tl
 from tritonize.kernels._launch import fast_launch
 
 from ._norm_common import device_ctx
-from .cross_entropy import LOG2E, MAX_BLOCK, _fwd_config, _tanh
+from .cross_entropy import LOG2E, MAX_BLOCK, _fwd_config, _loss_scale, _tanh, _write_grad, _zero_grad_row
 
 
 @fast_launch
@@ -122,21 +122,14 @@ def _slice_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    cols = tl.arange(0, BLOCK)
     t = tl.load(t_ptr + row * stride_t).to(tl.int64)
     if t == ignore_index:
         if WRITE_LOSS:
             tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                c = start + cols
-                tl.store(x_row + c, tl.zeros([BLOCK], tl.float32).to(x_ptr.dtype.element_ty), mask=c < n_cols)
+            _zero_grad_row(x_row, n_cols, BLOCK)
         return
-    s = scale
-    if HAS_DIV:
-        s = s / tl.load(div_ptr).to(tl.float32)
-    if HAS_ROW_SCALE:
-        s = s * tl.load(rs_ptr + row * stride_rs).to(tl.float32)
+    s = _loss_scale(scale, div_ptr, rs_ptr, row, stride_rs, HAS_DIV, HAS_ROW_SCALE)
     valid = (t >= 0) & (t < n_total)
     lse = tl.load(st_ptr + row) + tl.log(tl.load(st_ptr + stride_st + row))
     if WRITE_LOSS:
@@ -146,24 +139,8 @@ def _slice_grad_kernel(
             loss = (1.0 - smoothing) * loss + smoothing * (lse - tl.load(st_ptr + 2 * stride_st + row) / n_total)
         tl.store(loss_ptr + row, tl.where(valid, loss * s, float("nan")))
     if COMPUTE_GRAD:
-        on = 1.0 - smoothing
-        off = smoothing / n_total
-        bad = tl.where(valid, 0.0, float("nan"))
-        tc = t - col_off
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
-            p = tl.exp2((z - lse) * LOG2E)
-            if SMOOTHING:
-                p = p - off
-            dz = (tl.where(c == tc, p - on, p) + bad) * s
-            if SOFTCAP:
-                dz = dz * (1.0 - th * th)
-            tl.store(x_row + c, dz.to(x_ptr.dtype.element_ty), mask=mask)
+        _write_grad(x_row, x_row, n_cols, t - col_off, lse, s, valid, n_total, smoothing, softcap, SMOOTHING, SOFTCAP,
+                    False, BLOCK)  # fmt: skip
 
 
 def slice_stats(logits, target, state, x_t, col_off, *, first, ignore_index, smoothing, softcap):

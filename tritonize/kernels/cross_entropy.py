@@ -73,6 +73,58 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@triton.jit
+def _zero_grad_row(g_row, n_cols, BLOCK: tl.constexpr):
+    """An ignored row's gradient: zeros (the linear form sums every row into dW)."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        tl.store(g_row + c, tl.zeros([BLOCK], tl.float32).to(g_row.dtype.element_ty), mask=c < n_cols)
+
+
+@triton.jit
+def _loss_scale(scale, div_ptr, rs_ptr, row, stride_rs, HAS_DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
+    """scale (/ divisor) (* the row's scale): the factor of a row's loss and gradient."""
+    s = scale
+    if HAS_DIV:
+        # A count of 0 (all targets ignored) is never read: ignored rows return before this.
+        s = s / tl.load(div_ptr).to(tl.float32)
+    if HAS_ROW_SCALE:
+        s = s * tl.load(rs_ptr + row * stride_rs).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _write_grad(x_row, g_row, n_cols, t_col, lse, s, valid, n_total, smoothing, softcap,
+                SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, EVICT_FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """g = s * (softmax(z) - (1 - eps) onehot(t) - eps / V) over the n_cols columns at x_row
+    (t_col: the target's column among them, or outside [0, n_cols)), formed in fp32 before the
+    one rounding to g's dtype (softmax_t - 1 cancels); times 1 - tanh^2 with soft-capping. An
+    invalid row (not `valid`) gets NaN everywhere. g_row may be x_row (in place)."""
+    on = 1.0 - smoothing
+    off = smoothing / n_total
+    bad = tl.where(valid, 0.0, float("nan"))
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        mask = c < n_cols
+        if EVICT_FIRST:  # the row's last read: leave L2 to the rows still being walked
+            z = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            th = _tanh(z / softcap)
+            z = softcap * th
+        p = tl.exp2((z - lse) * LOG2E)
+        if SMOOTHING:
+            p = p - off
+        dz = (tl.where(c == t_col, p - on, p) + bad) * s
+        if SOFTCAP:
+            # d(cap * tanh(x / cap)) / dx = 1 - tanh(x / cap)^2
+            dz = dz * (1.0 - th * th)
+        tl.store(g_row + c, dz.to(g_row.dtype.element_ty), mask=mask)
+
+
 @fast_launch
 @triton.jit
 def _cross_entropy_fwd_kernel(
@@ -108,17 +160,10 @@ def _cross_entropy_fwd_kernel(
         # Ignored row: loss 0 and a zero gradient row (it is summed into dW by the linear form).
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                c = start + cols
-                tl.store(g_row + c, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=c < n_cols)
+            _zero_grad_row(g_row, n_cols, BLOCK)
         return
 
-    s = scale
-    if HAS_DIV:
-        # A count of 0 (all targets ignored) is never read: every row returned above.
-        s = s / tl.load(div_ptr).to(tl.float32)
-    if HAS_ROW_SCALE:
-        s = s * tl.load(rs_ptr + row * stride_rs).to(tl.float32)
+    s = _loss_scale(scale, div_ptr, rs_ptr, row, stride_rs, HAS_DIV, HAS_ROW_SCALE)
     valid = (t >= 0) & (t < n_cols)
     # Read z_t before pass 2 overwrites the row (in-place mode). An invalid t reads column 0
     # (always in bounds) and the row is marked NaN below.
@@ -152,26 +197,9 @@ def _cross_entropy_fwd_kernel(
     tl.store(loss_ptr + row, tl.where(valid, loss, float("nan")))
 
     if COMPUTE_GRAD:
-        # Pass 2 (the row is mostly still in L2): dz = softmax(z) - (1-eps) onehot(t) - eps/V,
-        # formed in fp32 before the one rounding to the gradient's dtype (softmax_t - 1 cancels).
-        on = 1.0 - smoothing
-        off = smoothing / n_cols
-        bad = tl.where(valid, 0.0, float("nan"))  # NaN-marks every entry of an invalid row
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            z = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            if SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
-            p = tl.exp2((z - lse) * LOG2E)
-            if SMOOTHING:
-                p = p - off
-            dz = (tl.where(c == t, p - on, p) + bad) * s
-            if SOFTCAP:
-                # d(cap * tanh(x / cap)) / dx = 1 - tanh(x / cap)^2
-                dz = dz * (1.0 - th * th)
-            tl.store(g_row + c, dz.to(g_ptr.dtype.element_ty), mask=mask)
+        # Pass 2 (the row is mostly still in L2)
+        _write_grad(x_row, g_row, n_cols, t, lse, s, valid, n_cols, smoothing, softcap, SMOOTHING, SOFTCAP, True,
+                    BLOCK)  # fmt: skip
 
 
 @fast_launch

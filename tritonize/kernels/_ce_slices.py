@@ -32,7 +32,7 @@ import triton.language as tl
 from tritonize.kernels._launch import fast_launch
 
 from ._norm_common import device_ctx
-from .cross_entropy import LOG2E, MAX_BLOCK, _fwd_config, _loss_scale, _tanh, _write_grad, _zero_grad_row
+from .cross_entropy import MAX_BLOCK, _fwd_config, _loss_scale, _online_stats, _tanh, _write_grad, _zero_grad_row
 
 
 @fast_launch
@@ -59,27 +59,16 @@ def _slice_stats_kernel(
     if t == ignore_index:
         return  # the gradient kernel never reads an ignored row's state
     x_row = x_ptr + row * stride_x
-    cols = tl.arange(0, BLOCK)
     if FIRST:
-        m = -float("inf")
-        d = 0.0
-        zsum = 0.0
+        zero = tl.full([], 0.0, tl.float32)  # fp32 tensors, like the loaded state
+        m = zero - float("inf")
+        d = zero
+        zsum = zero
     else:
         m = tl.load(st_ptr + row)
         d = tl.load(st_ptr + stride_st + row)
         zsum = tl.load(st_ptr + 2 * stride_st + row)
-    # online max / sum in base 2, as cross_entropy's pass 1
-    for start in range(0, n_cols, BLOCK):
-        c = start + cols
-        mask = c < n_cols
-        z = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
-        if SOFTCAP:
-            z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-        if SMOOTHING:
-            zsum += tl.sum(tl.where(mask, z, 0.0))
-        m_new = tl.maximum(m, tl.max(z))
-        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E))
-        m = m_new
+    m, d, zsum = _online_stats(x_row, n_cols, m, d, zsum, softcap, SMOOTHING, SOFTCAP, False, BLOCK)
     tl.store(st_ptr + row, m)
     tl.store(st_ptr + stride_st + row, d)
     tl.store(st_ptr + 2 * stride_st + row, zsum)

@@ -74,6 +74,30 @@ def _tanh(x):
 
 
 @triton.jit
+def _online_stats(x_row, n_cols, m, d, zsum, softcap, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+                  EVICT_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, d, zsum) updated with the n_cols logits at x_row: online max m and sum d of exp(z - m)
+    in fp32, base 2 (Milakov & Gimelshein), and the plain sum zsum (label smoothing only):
+        m_new = max(m, max(block));  d = d * 2^((m - m_new) log2 e) + sum 2^((z - m_new) log2 e)"""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        mask = c < n_cols
+        if EVICT_LAST:  # the row is read again by the gradient pass: keep it in L2
+            z = tl.load(x_row + c, mask=mask, other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
+        else:
+            z = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
+        if SOFTCAP:
+            z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+        if SMOOTHING:
+            zsum += tl.sum(tl.where(mask, z, 0.0))
+        m_new = tl.maximum(m, tl.max(z))
+        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E))
+        m = m_new
+    return m, d, zsum
+
+
+@triton.jit
 def _zero_grad_row(g_row, n_cols, BLOCK: tl.constexpr):
     """An ignored row's gradient: zeros (the linear form sums every row into dW)."""
     cols = tl.arange(0, BLOCK)
@@ -153,7 +177,6 @@ def _cross_entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     g_row = g_ptr + row * stride_g
-    cols = tl.arange(0, BLOCK)
     t = tl.load(t_ptr + row * stride_t).to(tl.int64)
 
     if t == ignore_index:
@@ -171,22 +194,11 @@ def _cross_entropy_fwd_kernel(
     if SOFTCAP:
         x_t = softcap * _tanh(x_t / softcap)
 
-    # Pass 1: online max m and sum d of exp(z - m) over the row (fp32), in base 2:
-    #   m_new = max(m, max(block));  d = d * 2^((m - m_new) log2 e) + sum 2^((z - m_new) log2 e)
-    m = -float("inf")
-    d = 0.0
-    zsum = 0.0
-    for start in range(0, n_cols, BLOCK):
-        c = start + cols
-        mask = c < n_cols
-        z = tl.load(x_row + c, mask=mask, other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
-        if SOFTCAP:
-            z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-        if SMOOTHING:
-            zsum += tl.sum(tl.where(mask, z, 0.0))
-        m_new = tl.maximum(m, tl.max(z))
-        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E))
-        m = m_new
+    # Pass 1: online max m and sum d of exp(z - m) over the row (fp32; fp32 tensors from the
+    # start, so the helper's loop carries one type)
+    zero = tl.full([], 0.0, tl.float32)
+    m, d, zsum = _online_stats(x_row, n_cols, zero - float("inf"), zero, zero, softcap, SMOOTHING, SOFTCAP, True,
+                               BLOCK)  # fmt: skip
     lse = m + tl.log(d)
 
     loss = lse - x_t

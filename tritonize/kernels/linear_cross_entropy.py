@@ -55,6 +55,12 @@ MIN_CHUNK = 256
 MAX_CHUNK = 2048
 
 
+def liger_rows(n: int, h: int, v: int) -> int:
+    """Liger's chunk rule: a power of two with rows x V ~ N x H (the chunk's logits no larger than
+    the hidden states)."""
+    return next_pow2(cdiv(n, cdiv(max(v, 1), h)))
+
+
 def default_chunk_size(n: int, h: int, v: int) -> int:
     """Rows per chunk, a power of two in [MIN_CHUNK, MAX_CHUNK] (or N when N is smaller).
 
@@ -67,7 +73,7 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
     H2048, 1024 rows 39.0 ms (0.97x eager) at H4096, for 10-17% more memory than Liger's chunks.
     """
     # int arithmetic: triton.cdiv / next_power_of_2 cost ~4 us a call on the host (constexpr_function)
-    liger = next_pow2(cdiv(n, cdiv(max(v, 1), h)))
+    liger = liger_rows(n, h, v)
     c = max(liger, next_pow2(max(h // 4, 1)))
     return max(1, min(n, max(MIN_CHUNK, min(MAX_CHUNK, c))))
 
@@ -95,7 +101,7 @@ def lean_plan(n: int, h: int, v: int) -> tuple[int, int]:
     H 4096 52.4 vs 62.1 and 64.1. Half the dW passes (each a 0.53 / 1.08 ms memory-bound addmm)
     for one recomputed half of the logits. 4 and 8 slices timed the same or slower (run 7).
     """
-    liger = max(1, next_pow2(cdiv(n, cdiv(max(v, 1), h))))
+    liger = max(1, liger_rows(n, h, v))
     if 2 * liger > n or _padded(v) < 32:
         return min(n, liger), 1  # everything fits in one Liger chunk: nothing to gain
     return 2 * liger, 2
@@ -609,7 +615,7 @@ def linear_cross_entropy(
     hidden (..., H); weight (V, H); bias (V,) or None; target (...). Semantics of
     tritonize.kernels.cross_entropy (fp32 loss; mean over non-ignored targets, 0 when all are
     ignored; `normalizer` -> sum / normalizer, matching transformers' num_items_in_batch;
-    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk; None: the lean
+    `logit_softcap` -> Gemma-2 soft-capping). `chunk_size`: rows per chunk; None: the
     default from N, H, V (`default_chunk_size`); "wide": up to a quarter of N (at most 2048 rows,
     `logits_chunk_size`): fewer passes over dW for a larger chunk buffer (still at most a quarter
     of the (N, V) logits) — what `tritonize(drop_logits=True)` uses; "lean": a chunk buffer no
@@ -621,7 +627,7 @@ def linear_cross_entropy(
     # format their messages eagerly and run only when something is off (or for rarer arguments).
     if not (
         _tensors_ok(hidden, weight, target, bias)
-        and logit_softcap is None and normalizer is None and (chunk_size is None or chunk_size == "wide")
+        and logit_softcap is None and normalizer is None and (chunk_size is None or chunk_size == "wide" or chunk_size == "lean")
         and target.shape == hidden.shape[:-1]
         and reduction in REDUCTIONS and type(ignore_index) is int
         and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0

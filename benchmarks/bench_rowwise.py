@@ -343,12 +343,13 @@ def wide_bwd_variants(n):
     return out
 
 
-def norm_wide_sweep(b: Bench, copy_gbps, ops=("layer_norm", "rms_norm"), shapes=((4096, 32768), (4096, 8192))):
+def norm_wide_sweep(b: Bench, copy_gbps, ops=("layer_norm", "rms_norm"), shapes=((4096, 32768), (4096, 8192)),
+                    only=None):
     """Wide-row backward variants of layer_norm_backward / rms_norm_backward (dw and db computed),
     GPU time of the launchers (queued, no autograd), bf16. Knobs: WIDE_BWD ("loop", "split",
     "chain") and their sizes in tritonize/kernels/_norm_common.py; `rel_err` = the largest
     max|got - ref| / max|ref| over dx, dw (, db) against fp32 torch (bf16 rounding: ~4e-3; a
-    wrong variant shows up as O(1))."""
+    wrong variant shows up as O(1)). `only`: label prefixes to keep (None: every variant)."""
     from tritonize.kernels import _norm_common as nc
 
     # the modules by their import paths (`tritonize.kernels.layer_norm` as an attribute may be the function)
@@ -384,6 +385,8 @@ def norm_wide_sweep(b: Bench, copy_gbps, ops=("layer_norm", "rms_norm"), shapes=
                     bwd = lambda: rms.rms_norm_backward(dy, x, w, rstd, compute_dw=True)  # noqa: E731
                     want = rms._bwd_torch(dy, None, x, w, rstd, True)
                 for label, knobs, override in wide_bwd_variants(n):
+                    if only and not any(label.startswith(o) for o in only):
+                        continue
                     setknobs(knobs, override)
                     try:
                         err = rel_err(bwd(), want)
@@ -439,7 +442,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="comma-separated RxN shapes (default: all of SHAPES)")
     p.add_argument("--sweep", action="store_true", help="only sweep our launch configs (block caps, rows, warps, grids)")
     p.add_argument("--sweep-wide", action="store_true",
-                   help="only the wide-row norm backward variants of --sweep (WIDE_BWD: loop / split / chain)")
+                   help="only the wide-row norm backward variants of --sweep (WIDE_BWD: loop / split / chain); "
+                        "--shapes picks the shapes")
+    p.add_argument("--only", default="", help="--sweep-wide: comma-separated label prefixes of the variants to time")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -474,7 +479,9 @@ def main(argv=None):
         if ("layer_norm" in ops or "rms_norm" in ops) and not args.sweep_wide:
             norm_sweep(b, copy_gbps)
         if "layer_norm" in ops or "rms_norm" in ops:
-            norm_wide_sweep(b, copy_gbps, ops)
+            wide_shapes = shapes if args.shapes else ((4096, 32768), (4096, 8192))
+            only = [o.strip() for o in args.only.split(",") if o.strip()] or None
+            norm_wide_sweep(b, copy_gbps, ops, wide_shapes, only)
         if "softmax" in ops and not args.sweep_wide:
             softmax_sweep(b, copy_gbps)
         cols = ["op", "shape", "impl", "pass", "gpu_ms", "gpu_pct_copy", "cpu_us", "rel_err", "note", "error"]

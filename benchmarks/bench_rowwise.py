@@ -329,12 +329,12 @@ def wide_bwd_variants(n):
     for knobs in split:
         label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "SPLIT_* defaults"
         out.append((f"split {label}{tag}", dict(force, WIDE_BWD="split", **knobs), None))
-    # "chain": one launch, tiles re-read x and dy from L2 (defaults: CHAIN_ROWS=32, CHAIN_LAG=2,
+    # "chain": one launch, tiles re-read x and dy from L2 (defaults: CHAIN_ROWS=32, CHAIN_LAG=4,
     # CHAIN_TILE (2, 2048) for LayerNorm / (4, 1024) for RMSNorm, CHAIN_WARPS=4, prefetch and
     # eviction hints on; a tuple CHAIN_TILE below sets both norms' tile)
-    chain = [dict(), dict(CHAIN_PREFETCH=False), dict(CHAIN_EVICT_HINTS=False), dict(CHAIN_LAG=1), dict(CHAIN_LAG=4),
-             dict(CHAIN_ROWS=16, CHAIN_LAG=4), dict(CHAIN_ROWS=64), dict(CHAIN_TILE=(4, 1024)),
-             dict(CHAIN_TILE=(4, 1024), CHAIN_LAG=4), dict(CHAIN_TILE=(2, 2048)),
+    chain = [dict(), dict(CHAIN_PREFETCH=False), dict(CHAIN_EVICT_HINTS=False), dict(CHAIN_LAG=1), dict(CHAIN_LAG=2),
+             dict(CHAIN_ROWS=16), dict(CHAIN_ROWS=64), dict(CHAIN_TILE=(4, 1024)),
+             dict(CHAIN_TILE=(4, 1024), CHAIN_LAG=2), dict(CHAIN_TILE=(2, 2048)),
              dict(CHAIN_TILE=(2, 1024)), dict(CHAIN_WARPS=8), dict(STATS_CFG=(8192, 8)),
              dict(STATS_CFG=(8192, 8), CHAIN_PREFETCH=False)]
     for knobs in chain:

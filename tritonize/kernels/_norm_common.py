@@ -89,7 +89,9 @@ SPLIT_PROGRAMS_PER_SM = 4
 # the best of a grid timed on an H100 (4 warps beat 8 everywhere) and on an H200 (prefetch
 # off beat on for LayerNorm); to be confirmed by `bench_rowwise --sweep-wide` on the H100.
 CHAIN_ROWS = 32
-CHAIN_LAG = 2
+# lag 4 over 2 (session 9, H100 4096x32768 bwd, two runs): RMSNorm 0.383 vs 0.396 ms, LayerNorm
+# 0.448 vs 0.449 (lag 1: 0.41 / 0.45)
+CHAIN_LAG = 4
 # per norm (a single tuple applies to both): RMSNorm's backward is lighter per element (no mean,
 # no dbias) and took (4, 1024) faster with prefetch (H100 4096x32768 bwd 0.394 vs 0.414 ms,
 # fwd+bwd 77.5% vs 74.6% of copy bandwidth, session 4), where LayerNorm lost with it (0.515 vs 0.448)

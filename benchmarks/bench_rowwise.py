@@ -302,7 +302,7 @@ def norm_sweep(b: Bench, copy_gbps):
 # Knobs of _norm_common that the wide-row backward sweep sets (all restored afterwards).
 WIDE_KNOBS = ("WIDE_BWD", "BWD_FUSED_MAX", "DX_FUSED_MAX", "BWD_LOOP", "LOOP_PROGRAMS_PER_SM", "STATS_CFG",
               "SPLIT_TILE", "SPLIT_PROGRAMS_PER_SM", "CHAIN_ROWS", "CHAIN_LAG", "CHAIN_TILE", "CHAIN_WARPS",
-              "CHAIN_EVICT_HINTS", "CHAIN_PREFETCH")
+              "CHAIN_EVICT_HINTS", "CHAIN_PREFETCH", "CHAIN_SUPER")
 
 
 def wide_bwd_variants(n):
@@ -336,7 +336,8 @@ def wide_bwd_variants(n):
              dict(CHAIN_ROWS=16), dict(CHAIN_ROWS=64), dict(CHAIN_TILE=(4, 1024)),
              dict(CHAIN_TILE=(4, 1024), CHAIN_LAG=2), dict(CHAIN_TILE=(2, 2048)),
              dict(CHAIN_TILE=(2, 1024)), dict(CHAIN_WARPS=8), dict(STATS_CFG=(8192, 8)),
-             dict(STATS_CFG=(8192, 8), CHAIN_PREFETCH=False)]
+             dict(STATS_CFG=(8192, 8), CHAIN_PREFETCH=False),
+             *[dict(CHAIN_SUPER=g) for g in (2, 4, 8, 16, 32, 128)]]
     for knobs in chain:
         label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "CHAIN_* defaults"
         out.append((f"chain {label}{tag}", dict(force, WIDE_BWD="chain", **knobs), None))

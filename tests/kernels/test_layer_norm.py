@@ -111,9 +111,12 @@ def shrink_wide_bwd(monkeypatch, variant):
     monkeypatch.setattr(nc, "CHAIN_LAG", 2)
     monkeypatch.setattr(nc, "CHAIN_TILE", (4, 32))
     monkeypatch.setattr(nc, "CHAIN_WARPS", 1)
+    # dweight/dbias partial rows shared by 3 chunks (the last row by fewer), added in chunk order;
+    # or one row per chunk
+    monkeypatch.setattr(nc, "CHAIN_SUPER", 1 if variant == "chain-row-per-chunk" else 3)
 
 
-@pytest.mark.parametrize("variant", ["split", "chain", "chain-plain"])
+@pytest.mark.parametrize("variant", ["split", "chain", "chain-plain", "chain-row-per-chunk"])
 def test_layer_norm_wide_bwd_variants(device, monkeypatch, variant):
     """The "split" and "chain" wide-row backwards (dx with dweight / dbias from column tiles):
     row counts not divisible by the tile / chunk, N not by the column block, padded rows,
@@ -125,6 +128,23 @@ def test_layer_norm_wide_bwd_variants(device, monkeypatch, variant):
     check3(layer_norm, layer_norm_reference, _inputs((3, 70), torch.float32, device, weight=False))
     check3(layer_norm, layer_norm_reference, _inputs((2, 3, 200), torch.float16, device, bias=False),
            grad_fn=stride0_grad)
+
+
+def test_layer_norm_wide_bwd_deterministic(device, monkeypatch):
+    """The chain backward's partial rows are added in chunk order by programs that wait on each
+    other: the same inputs give bit-identical gradients on every run (and the fp32 reference's
+    values), whatever order the GPU ran the programs in. 21 chunks of 8 rows, 4 column blocks."""
+    shrink_wide_bwd(monkeypatch, "chain")
+    ins = _inputs((168, 100), torch.float32, device)
+    x, w, b = (t.requires_grad_() for t in (ins["x"], ins["weight"], ins["bias"]))
+    dy = torch.randn_like(x)
+    runs = [torch.autograd.grad(layer_norm(x, w, b), (x, w, b), dy) for _ in range(3 if x.is_cuda else 2)]
+    for later in runs[1:]:
+        for a, c in zip(runs[0], later):
+            assert torch.equal(a, c)
+    want = torch.autograd.grad(layer_norm_reference(x.double(), w.double(), b.double()), (x, w, b), dy.double())
+    for got, ref in zip(runs[0], want):
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-4)
 
 
 def test_layer_norm_torch_fallback(device, monkeypatch):

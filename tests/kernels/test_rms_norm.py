@@ -104,7 +104,7 @@ def test_rms_norm_wide_row_paths(device, monkeypatch):
         check3(rms_norm, rms_norm_reference, _inputs((3, 70), torch.float16, device, weight_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("variant", ["split", "chain", "chain-plain"])
+@pytest.mark.parametrize("variant", ["split", "chain", "chain-plain", "chain-row-per-chunk"])
 def test_rms_norm_wide_bwd_variants(device, monkeypatch, variant):
     """The "split" and "chain" wide-row backwards (dx with dweight from column tiles), knobs
     shrunk as in test_layer_norm: awkward shapes, padded rows, stride-0 dy, the residual

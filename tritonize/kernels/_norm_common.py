@@ -81,8 +81,8 @@ STATS_CFG = (4096, 8)
 # blocks x row groups; each program strides over the rows of its group, accumulating partials).
 SPLIT_TILE = (2, 2048, 8)
 SPLIT_PROGRAMS_PER_SM = 4
-# "chain": rows per chunk (one dweight/dbias partial row per chunk), how many chunks the tile
-# programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the warps of the launch
+# "chain": rows per chunk (one dweight/dbias partial per chunk, CHAIN_SUPER chunks to a row), how
+# many chunks the tile programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the warps of the launch
 # (the stats programs take STATS_CFG's chunk width), L2 eviction hints (the stats pass loads
 # with evict_last, the tile pass re-loads and stores dx with evict_first), and software
 # prefetch (each program loads its next chunk / tile before the current one's math). Values:
@@ -97,6 +97,12 @@ CHAIN_LAG = 4
 # fwd+bwd 77.5% vs 74.6% of copy bandwidth, session 4), where LayerNorm lost with it (0.515 vs 0.448)
 CHAIN_TILE = {"layer_norm": (2, 2048), "rms_norm": (4, 1024)}
 CHAIN_WARPS = 4
+# Chunks per dweight/dbias partial row, added up by the tiles in chunk order (1: one row per chunk).
+# H100 4096x32768 bwd (session 9): 1 / 2 / 4 / 8 / 16 / 128 -> LayerNorm 0.447 / 0.438 / 0.432 /
+# 0.427 / 0.425 / 0.424 ms, RMSNorm 0.382 / 0.378 / 0.379 / 0.375 / 0.373 / 0.372: the partial
+# rows (33.5 MB at 128 chunks x 2 x 32768 fp32, written, then read back by reduce_partials) were
+# ~5% of LayerNorm's backward traffic.
+CHAIN_SUPER = 16
 CHAIN_EVICT_HINTS = True
 CHAIN_PREFETCH = True
 
@@ -380,9 +386,10 @@ def _norm_bwd_chain_kernel(
     MEAN,  # (M,) fp32 (if HAS_MEAN)
     RSTD,  # (M,) fp32
     STATS,  # (M, 1 + HAS_MEAN) fp32 scratch: c1 (, c2), written by the stats programs
-    SYNC,  # (n_chunks + 1,) int32, zeroed: stats programs done per chunk, then the ticket counter
+    SYNC,  # (n_chunks + 1 (+ n_chunks * n_col_blocks),) int32, zeroed: stats programs done per
+    #        chunk, the ticket counter (, then a done flag per tile when SUPER > 1)
     DX,  # (M, N) out, contiguous
-    PART,  # (n_chunks, COMPUTE_DW + COMPUTE_DB, N) fp32 partials: one row per chunk
+    PART,  # (cdiv(n_chunks, SUPER), COMPUTE_DW + COMPUTE_DB, N) fp32 partials: one row per SUPER chunks
     M,
     N,
     stride_x,
@@ -398,6 +405,7 @@ def _norm_bwd_chain_kernel(
     COMPUTE_DB: tl.constexpr,
     CHUNK_ROWS: tl.constexpr,  # rows per chunk, a multiple of BLOCK_M
     LAG: tl.constexpr,  # chunks by which the tile programs trail the stats programs (>= 1)
+    SUPER: tl.constexpr,  # chunks per partial row (> 1: added up in chunk order by the tiles, see below)
     LOAD_HINT: tl.constexpr,  # _load_hint hints of the stats loads (1: evict_last) and of the
     RELOAD_HINT: tl.constexpr,  # tiles' re-loads and dx stores (2: evict_first); 0: none
     PREFETCH: tl.constexpr,  # both roles load their next chunk / tile before the current one's math
@@ -469,11 +477,31 @@ def _norm_bwd_chain_kernel(
                     acc_w += dy * xhat
                 if COMPUTE_DB:
                     acc_b += dy
-            part = PART + chunk.to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
+            part = PART + (chunk // SUPER).to(tl.int64) * (COMPUTE_DW + COMPUTE_DB) * N
+            pw = tl.sum(acc_w, axis=0)
+            pb = tl.sum(acc_b, axis=0)
+            if SUPER > 1:
+                # SUPER consecutive chunks share a partial row, added in chunk order (so the
+                # result does not depend on timing): the tile of chunk k waits for the tile of the
+                # same columns in chunk k - 1 (a smaller ticket: it has started, and waits only on
+                # smaller tickets still), adds its part to that row and raises its own flag. Fewer
+                # partial rows for reduce_partials to read back, mostly summed in L2.
+                prev_flag = SYNC + n_chunks + 1 + (chunk - 1) * n_col_blocks + (r - CHUNK_ROWS)
+                if chunk % SUPER != 0:
+                    prev_done = tl.atomic_add(prev_flag, 0)
+                    while prev_done == 0:
+                        prev_done = tl.atomic_add(prev_flag, 0)
+                    if COMPUTE_DW:
+                        pw += tl.load(part + cols, mask=col_ok, other=0.0, volatile=True)
+                    if COMPUTE_DB:
+                        pb += tl.load(part + COMPUTE_DW * N + cols, mask=col_ok, other=0.0, volatile=True)
             if COMPUTE_DW:
-                tl.store(part + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+                tl.store(part + cols, pw, mask=col_ok)
             if COMPUTE_DB:
-                tl.store(part + COMPUTE_DW * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+                tl.store(part + COMPUTE_DW * N + cols, pb, mask=col_ok)
+            if SUPER > 1:
+                tl.debug_barrier()  # every thread's partial stores before the flag (release)
+                tl.atomic_add(SYNC + n_chunks + 1 + chunk * n_col_blocks + (r - CHUNK_ROWS), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,8 +661,8 @@ def dwdb_split(x2, dy2, m, n, stride_x, stride_dy, mean, rstd, compute_dw: bool,
 #   "split":  stats 2 (x, dy) + tiles 3 (x, dy, dx) + partials 2*G*K*N*4 bytes (G ~ 17 at
 #             N = 32768: ~0.02)                                                            = 5
 #   "chain":  stats 2 from DRAM + tiles 1 (dx) + re-read of x, dy from L2 (0 from DRAM when it
-#             hits) + partials 2*(M/CHUNK_ROWS)*K*N*4 bytes (4K/CHUNK_ROWS units: 0.25 at 32
-#             rows with K = 2, 0.125 for RMSNorm)                                  ~ 3.1-3.3 (ideal)
+#             hits) + partials 2*(M/(CHUNK_ROWS*CHAIN_SUPER))*K*N*4 bytes (4K/(CHUNK_ROWS*SUPER)
+#             units: 0.016 at 32 rows x 16 with K = 2; 0.25 with one row per chunk)  ~ 3.0-3.3 (ideal)
 #             (measured at CHUNK_ROWS=64: 3.25 read + 1 written, half the re-reads missing L2)
 # plus 4-8 bytes per row of STATS, written once and read once per column block (L2).
 def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_dy, stride_ds,
@@ -679,15 +707,16 @@ def wide_backward(x2, weight, dy2, ds2, mean, rstd, dx, m, n, stride_x, stride_d
         n_chunks = cdiv(m, rows)
         lag = max(1, min(CHAIN_LAG, n_chunks))
         col_blocks = cdiv(n, block_n)
-        sync = torch.zeros((n_chunks + 1,), dtype=torch.int32, device=dev)
-        part = torch.empty((n_chunks, k, n), dtype=torch.float32, device=dev)
+        sup = max(1, min(CHAIN_SUPER, n_chunks))
+        sync = torch.zeros((n_chunks + 1 + (n_chunks * col_blocks if sup > 1 else 0),), dtype=torch.int32, device=dev)
+        part = torch.empty((cdiv(n_chunks, sup), k, n), dtype=torch.float32, device=dev)
         # n_chunks + lag steps of (rows stats programs + col_blocks tile programs); those whose
         # role falls outside [0, n_chunks) do nothing
         grid = (n_chunks + lag) * (rows + col_blocks)
         _norm_bwd_chain_kernel[(grid,)](
             x2, w, dy2, ds_, mean_, rstd, stats, sync, dx, part, m, n, stride_x, stride_dy, stride_ds,
-            n_chunks, col_blocks, **common, CHUNK_ROWS=rows, LAG=lag, LOAD_HINT=1 if CHAIN_EVICT_HINTS else 0,
-            RELOAD_HINT=2 if CHAIN_EVICT_HINTS else 0, PREFETCH=CHAIN_PREFETCH,
+            n_chunks, col_blocks, **common, CHUNK_ROWS=rows, LAG=lag, SUPER=sup,
+            LOAD_HINT=1 if CHAIN_EVICT_HINTS else 0, RELOAD_HINT=2 if CHAIN_EVICT_HINTS else 0, PREFETCH=CHAIN_PREFETCH,
             STAT_BLOCK=stat_block, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=CHAIN_WARPS,
         )  # fmt: skip
         return part

@@ -67,6 +67,26 @@ def test_linear_act_every_activation(device, shape_x, n):
             )  # fmt: skip
 
 
+def test_linear_act_backward_column_strips(device, monkeypatch):
+    """The element-wise backward's grid of column strips, each program walking several row blocks
+    and keeping db's partial sums in registers: tiles of 4x16 and 1 program per "SM" give 3 column
+    blocks (the last partial) x 2-4 row groups of 10 row blocks, the last partial. Stride-0 and
+    transposed upstream gradients; an activation whose gradient comes from the output."""
+    monkeypatch.setattr(la, "_EW_BWD", {False: (4, 16, 1, 1), True: (4, 16, 1, 1)})
+    for dtype in dtypes_for(device):
+        for act, (shape_x, n), prep in (("gelu_tanh", ((37, 17), 33), None), ("sigmoid", ((2, 19, 17), 40), None),
+                                        ("relu", ((37, 17), 33), "stride0")):
+            x, (w,), b = _make(shape_x, n, dtype, device)
+            dy = torch.randn(*shape_x[:-1], n, device=device).to(dtype)
+            if prep == "stride0":
+                dy = dy[..., :1].expand_as(dy)
+            _check(
+                lambda x, w, b: linear_act(x, w, b, act),
+                lambda x, w, b: linear_act_reference(x, w, b, act),
+                [x, w, b], dy, ["x", "weight", "bias"], f"strips {act} {dtype} {shape_x} {prep}",
+            )  # fmt: skip
+
+
 @pytest.mark.parametrize("shape_x,n", [((1, 17), 33), ((37, 17), 33)])
 def test_gated_linear(device, shape_x, n):
     """SwiGLU and both GeGLUs: forward, dX, dW_gate, dW_up."""

@@ -70,8 +70,8 @@ def test_linear_act_every_activation(device, shape_x, n):
 def test_linear_act_backward_column_strips(device, monkeypatch):
     """The element-wise backward's grid of column strips, each program walking several row blocks
     and keeping db's partial sums in registers: tiles of 4x16 and 1 program per "SM" give 3 column
-    blocks (the last partial) x 2-4 row groups of 10 row blocks, the last partial. Stride-0 and
-    transposed upstream gradients; an activation whose gradient comes from the output."""
+    blocks (the last partial) x 2 row groups of 10 row blocks, the last partial; a stride-0 upstream
+    gradient; activations whose gradient comes from the output (sigmoid, relu)."""
     monkeypatch.setattr(la, "_EW_BWD", {False: (4, 16, 1, 1), True: (4, 16, 1, 1)})
     for dtype in dtypes_for(device):
         for act, (shape_x, n), prep in (("gelu_tanh", ((37, 17), 33), None), ("sigmoid", ((2, 19, 17), 40), None),

@@ -82,12 +82,12 @@ STATS_CFG = (4096, 8)
 SPLIT_TILE = (2, 2048, 8)
 SPLIT_PROGRAMS_PER_SM = 4
 # "chain": rows per chunk (one dweight/dbias partial per chunk, CHAIN_SUPER chunks to a row), how
-# many chunks the tile programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the warps of the launch
-# (the stats programs take STATS_CFG's chunk width), L2 eviction hints (the stats pass loads
-# with evict_last, the tile pass re-loads and stores dx with evict_first), and software
-# prefetch (each program loads its next chunk / tile before the current one's math). Values:
-# the best of a grid timed on an H100 (4 warps beat 8 everywhere) and on an H200 (prefetch
-# off beat on for LayerNorm); to be confirmed by `bench_rowwise --sweep-wide` on the H100.
+# many chunks the tile programs trail the stats programs by, the tile (BLOCK_M, BLOCK_N), the
+# warps of the launch (the stats programs take STATS_CFG's chunk width), L2 eviction hints (the
+# stats pass loads with evict_last, the tile pass re-loads and stores dx with evict_first), and
+# software prefetch (each program loads its next chunk / tile before the current one's math).
+# Values: the best of a grid timed on an H100 (4 warps beat 8 everywhere) and on an H200
+# (prefetch off beat on for LayerNorm), re-swept on the H100 in sessions 4 and 9.
 CHAIN_ROWS = 32
 # lag 4 over 2 (session 9, H100 4096x32768 bwd, two runs): RMSNorm 0.383 vs 0.396 ms, LayerNorm
 # 0.448 vs 0.449 (lag 1: 0.41 / 0.45)

@@ -1,7 +1,7 @@
 """Fused linear->activation and gated MLP, forward and forward+backward: tritonize vs torch eager
 vs torch.compile vs Liger's SwiGLU.
 
-    python -m benchmarks.bench_linear_act [--quick] [--out table.md] [--warm]
+    python -m benchmarks.bench_linear_act [--quick] [--models gpt2,...] [--out table.md] [--warm]
 
 --warm runs every implementation once (forward, forward+backward) and measures nothing: it fills
 Triton's and Inductor's on-disk caches (and runs every autotune candidate once), so a following
@@ -127,6 +127,7 @@ def _outputs(y):
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--warm", action="store_true", help="run everything once, time nothing (fills compile caches)")
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(s[0] for s in SHAPES))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_linear_act needs a CUDA GPU; none found, nothing measured.", file=sys.stderr)
@@ -137,6 +138,12 @@ def main(argv=None):
     if not args.warm:
         bench.row(op="ceiling", impl="bf16 matmul 8192^3", fwd_bwd_tflops=ceiling)
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
+        if unknown:
+            p.error(f"unknown model(s) {unknown}; known: {[s[0] for s in SHAPES]}")
+        shapes = [s for s in SHAPES if s[0] in wanted]
     for name, K, N, act, gated, has_bias in shapes:
         la, impls = _impls(act, gated)
         x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)

@@ -87,6 +87,33 @@ def test_linear_act_backward_column_strips(device, monkeypatch):
             )  # fmt: skip
 
 
+def test_linear_act_bias_grad_finished_in_kernel(device, monkeypatch):
+    """db is summed by each column strip's last program (ticket counter, per-stream scratch):
+    right against the fp64 reference, bit-identical on a rerun, the counters left at zero for
+    the next launch, and a call wider than the cached scratch grows it (N=33: 3 strips x 2 row
+    groups; then N=70: 5 strips, with the scratch forced smaller than it needs)."""
+    from tritonize.kernels import _common
+
+    monkeypatch.setattr(la, "_EW_BWD", {False: (4, 16, 1, 1), True: (4, 16, 1, 1)})
+    monkeypatch.setattr(_common, "_STREAM_SCRATCH", {})
+    for dtype in dtypes_for(device):
+        for n in (33, 70):
+            x, (w,), b = _make((37, 17), n, dtype, device)
+            dy = torch.randn(37, n, device=device).to(dtype)
+            fn = lambda x, w, b: linear_act(x, w, b, "gelu_tanh")  # noqa: E731
+            _check(fn, lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"), [x, w, b], dy,
+                   ["x", "weight", "bias"], f"db in kernel {dtype} N={n}")  # fmt: skip
+            _, (_, _, db1) = _grads(fn, [x, w, b], dy)
+            _, (_, _, db2) = _grads(fn, [x, w, b], dy)
+            assert torch.equal(db1, db2), "db differs between two identical calls"
+            ((key, (cnt, parts)),) = _common._STREAM_SCRATCH.items()
+            assert cnt.count_nonzero().item() == 0, "the kernel must leave its counters at zero"
+            if n == 33:  # shrink the cached scratch so that the wider call must grow it
+                _common._STREAM_SCRATCH[key] = (cnt[:3].clone(), parts[:66].clone())
+            else:
+                assert cnt.numel() >= 5 and parts.numel() >= 2 * 70
+
+
 @pytest.mark.parametrize("shape_x,n", [((1, 17), 33), ((37, 17), 33)])
 def test_gated_linear(device, shape_x, n):
     """SwiGLU and both GeGLUs: forward, dX, dW_gate, dW_up."""
@@ -277,3 +304,9 @@ def test_bad_arguments(device):
         gated_linear(x, torch.randn(33, 18, device=device), torch.randn(33, 18, device=device))
     with pytest.raises(ValueError, match=r"tritonize\.gated_linear: argument 'activation'"):
         gated_linear(x, w, w, activation=None)
+    # devices that share an index (cpu and meta both report -1): the fast check must not pass them
+    other = "meta" if x.device.type == "cpu" else "cpu"
+    with pytest.raises((ValueError, TypeError), match=r"tritonize\.linear_act: .*device"):
+        linear_act(x, w.to(other))
+    with pytest.raises((ValueError, TypeError), match=r"tritonize\.linear_act: .*device"):
+        linear_act(x, w, torch.randn(33, device=other))

@@ -91,10 +91,12 @@ def test_linear_act_bias_grad_finished_in_kernel(device, monkeypatch):
     """db is summed by each column strip's last program (ticket counter, per-stream scratch):
     right against the fp64 reference, bit-identical on a rerun, the counters left at zero for
     the next launch, and a call wider than the cached scratch grows it (N=33: 3 strips x 2 row
-    groups; then N=70: 5 strips, with the scratch forced smaller than it needs)."""
+    groups, added one partial row per step; then N=70: 5 strips, with the scratch forced smaller
+    than it needs)."""
     from tritonize.kernels import _common
 
     monkeypatch.setattr(la, "_EW_BWD", {False: (4, 16, 1, 1), True: (4, 16, 1, 1)})
+    monkeypatch.setattr(la, "_EW_RED_ROWS", 1)  # the finishing program adds the 2 partial rows in 2 steps
     monkeypatch.setattr(_common, "_STREAM_SCRATCH", {})
     for dtype in dtypes_for(device):
         for n in (33, 70):

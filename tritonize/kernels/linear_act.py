@@ -543,6 +543,7 @@ def _linear_act_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    RED_ROWS: tl.constexpr,  # partial rows of db the finishing program adds per step
 ):
     # grid = (cdiv(N, BLOCK_N), G): program (c, g) owns columns [c*BLOCK_N, ...) and the row
     # blocks g, g + G, ... It adds its dZ tiles into an fp32 register accumulator and reduces it
@@ -580,9 +581,14 @@ def _linear_act_bwd_kernel(
         # and puts the counter back to zero for the next launch on this stream.
         ticket = tl.atomic_add(cnt_ptr + pid_n, 1)
         if ticket == G - 1:
+            # RED_ROWS partial rows per load (one row per load would be G dependent round trips
+            # at the kernel's tail): a fixed tree per config, so still bit-identical on reruns
             db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for g in range(0, G):
-                db += tl.load(dbp_ptr + g * N + rn, mask=col_ok, other=0.0, cache_modifier=".cg")
+            for g0 in range(0, G, RED_ROWS):
+                g = g0 + tl.arange(0, RED_ROWS)
+                part = tl.load(dbp_ptr + g.to(tl.int64)[:, None] * N + rn[None, :],
+                               mask=(g < G)[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+                db += tl.sum(part, axis=0)
             tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=col_ok)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
@@ -635,10 +641,12 @@ def _gated_linear_bwd_kernel(
 _EW_BLOCK_M, _EW_BLOCK_N, _EW_WARPS = 32, 256, 8  # element-wise backward tiles: 8192 elements
 # linear_act's element-wise backward (dZ, and db's partials with a bias): (BLOCK_M, BLOCK_N,
 # warps, programs per SM) of its column-strip grid, without and with a bias. H100, 8192x3072 bf16
-# gelu_tanh (session 9, queued GPU time): no bias 56.5 us with (32, 128, 4, 8) (57.5 at
-# (32, 256, 8, 4), 71 at 2 programs per SM); bias 69.0 us with (32, 256, 8, 2) (71.5-80 for the
-# others tried), against 91 us for the per-tile column sums this replaced.
-_EW_BWD = {False: (32, 128, 4, 8), True: (32, 256, 8, 2)}
+# gelu_tanh (queued GPU time): no bias 56.4 us with (32, 128, 4, 8) (57.2 at (32, 256, 8, 4), 71
+# at 2 programs per SM); bias, db finished in the kernel (session 10): 60.0 us with (32, 128, 4, 4),
+# 62.6 at (32, 128, 4, 8) and (64, 128, 8, 4), 66 at (32, 256, 8, 2), 94 at (16, 256, 4, 8) (its
+# finishing programs add 1.5x more partial rows); session 9, with a torch.sum after: 69.0 + 6.4.
+_EW_BWD = {False: (32, 128, 4, 8), True: (32, 128, 4, 4)}
+_EW_RED_ROWS = 16  # db's partial rows added per load by the strip's finishing program
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -770,7 +778,7 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
             _linear_act_bwd_kernel[(col_blocks, groups)](
                 dy2, saved2, dz, db, dbp, cnt, M, N, dy2.stride(0), dy2.stride(1), saved2.stride(0),
                 ACTIVATION=activation, GRAD_FROM_OUT=from_out, HAS_BIAS=need_db,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                BLOCK_M=bm, BLOCK_N=bn, RED_ROWS=_EW_RED_ROWS, num_warps=warps,
             )  # fmt: skip
             if not need_db:
                 db = None

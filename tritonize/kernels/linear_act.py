@@ -33,8 +33,15 @@ Forward, two implementations (`FORWARD_IMPL`, default "auto", chosen per call by
   F.linear + a second launch (0.76 vs 0.97 ms): they keep the fused forward, and with it the
   issue's "no round trip of the pre-activation". Honest summary: at the two Llama shapes the
   default forward DOES round-trip G and U through memory, because that is measurably faster.
+  Since direct launches (above: CUBLAS_FWD_MIN_WORK) that holds at GPT-2's shape too. Session 10
+  tried a persistent fused forward (TMA loads and stores, a flattened tile loop so the next tile's
+  loads overlap the epilogue; 156 configs): 90.4 us against cuBLAS + pass 96.9 and cuBLAS's GEMM
+  alone 60.8 at GPT-2's MLP; not shipped for 6 us, since it needs TMA descriptors built either on
+  the host (Triton's slow launch path, ~60 us of host time) or on the device (a process-wide
+  Triton allocator). Details: docs/results/linear_act.md, session 10.
 
-Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in)
+Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in: the
+                                               last program of each column strip adds the partials)
            dX = dZ @ W,   dW = dZ^T @ X,   db = sum_rows dZ      (dX, dW on cuBLAS)
   gated:   dG = dY * U * act'(G),  dU = dY * act(G)          (one Triton element-wise kernel)
            dX = dG @ Wg + dU @ Wu (one GEMM + one accumulating GEMM), dWg = dG^T X, dWu = dU^T X

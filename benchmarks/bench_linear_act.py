@@ -250,8 +250,10 @@ def main(argv=None):
         for impl, (base, row, _, _, times) in measured.items():
             ms_fb = min(times)
             tf_fb = 3 * fwd_flops / ms_fb * 1e-9
-            row.update(fwd_bwd_ms=ms_fb, fwd_bwd_median=statistics.median(times), fwd_bwd_max=max(times), fwd_bwd_tflops=tf_fb,
-                       pct_of_matmul=100 * tf_fb / ceiling, pct_of_matmul_gpu=100 * 3 * fwd_flops / row["gpu_ms"] * 1e-9 / ceiling)
+            row.update(
+                fwd_bwd_ms=ms_fb, fwd_bwd_median=statistics.median(times), fwd_bwd_max=max(times), fwd_bwd_tflops=tf_fb,
+                pct_of_matmul=100 * tf_fb / ceiling, pct_of_matmul_gpu=100 * 3 * fwd_flops / row["gpu_ms"] * 1e-9 / ceiling,
+            )  # fmt: skip
             ref[impl] = row
             if impl.startswith("tritonize") and "eager" in ref:
                 row["vs_eager"] = ref["eager"]["fwd_bwd_ms"] / ms_fb

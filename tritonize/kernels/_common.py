@@ -195,7 +195,10 @@ def stream_scratch(t: torch.Tensor, n_counters: int, n_partials: int):
         n_p = max(n_partials, 1 << 16, old_p.numel() if old_p is not None else 0)
         # the old buffers may still be in use by queued kernels of this stream: the caching
         # allocator keeps their memory until then (frees are stream-ordered)
-        hit = (torch.zeros(n_c, dtype=torch.int32, device=t.device), torch.empty(n_p, dtype=torch.float32, device=t.device))
+        hit = (
+            torch.zeros(n_c, dtype=torch.int32, device=t.device),
+            torch.empty(n_p, dtype=torch.float32, device=t.device),
+        )
         _STREAM_SCRATCH[key] = hit
     return hit
 

@@ -555,9 +555,9 @@ def _linear_act_bwd_kernel(
     # grid = (cdiv(N, BLOCK_N), G): program (c, g) owns columns [c*BLOCK_N, ...) and the row
     # blocks g, g + G, ... It adds its dZ tiles into an fp32 register accumulator and reduces it
     # over rows once, at the end: one partial row of db per program; the strip's last program
-    # to finish adds the G partial rows (below). A per-tile column sum with one partial row per row block cost 13-90 us on top of
-    # the 57 us element-wise pass at 8192x3072 on the H100 (cross-warp reductions per tile, and
-    # up to 12 MB of partials read back); this form costs ~what the pass costs without bias.
+    # to finish adds the G partial rows (below). A per-tile column sum with one partial row per
+    # row block cost 13-90 us on top of the 57 us element-wise pass at 8192x3072 on the H100
+    # (cross-warp reductions per tile, and up to 12 MB of partials read back).
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     G = tl.num_programs(1)

@@ -172,37 +172,6 @@ def device_sms(t: torch.Tensor) -> int:
     return num_sms(t.get_device()) if t.is_cuda else 4  # get_device: an int, no torch.device object
 
 
-# Per-stream scratch for kernels that finish a reduction themselves ("last program adds the
-# partial rows"): {stream key: (int32 counters, fp32 partials)}. Kernels on one stream run one
-# after another, so one buffer per stream is never used by two launches at once; a kernel leaves
-# its counters at zero (the last program resets them), so the next launch finds them zeroed
-# without a memset. Grow-only; a few hundred KB at most (partials: one row per program).
-_STREAM_SCRATCH: dict = {}
-
-
-def stream_scratch(t: torch.Tensor, n_counters: int, n_partials: int):
-    """(counters, partials) on t's device for the current stream: counters int32, >= n_counters,
-    all zero (callers' kernels must leave them zero); partials fp32, >= n_partials, garbage.
-
-    Saves the allocation and the separate reduction launches (~10-15 us of host time each on
-    the H100 host) that a (programs, N) partial buffer + torch.sum + a dtype cast cost.
-    """
-    key = torch._C._cuda_getCurrentStream(t.get_device()) if t.is_cuda else "cpu"
-    hit = _STREAM_SCRATCH.get(key)
-    if hit is None or hit[0].numel() < n_counters or hit[1].numel() < n_partials:
-        old_c, old_p = hit if hit is not None else (None, None)
-        n_c = max(n_counters, 256, old_c.numel() if old_c is not None else 0)
-        n_p = max(n_partials, 1 << 16, old_p.numel() if old_p is not None else 0)
-        # the old buffers may still be in use by queued kernels of this stream: the caching
-        # allocator keeps their memory until then (frees are stream-ordered)
-        hit = (
-            torch.zeros(n_c, dtype=torch.int32, device=t.device),
-            torch.empty(n_p, dtype=torch.float32, device=t.device),
-        )
-        _STREAM_SCRATCH[key] = hit
-    return hit
-
-
 def new_seed() -> int:
     """A Philox seed drawn from torch's default CPU generator, so `torch.manual_seed` governs it."""
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())

@@ -100,7 +100,7 @@ from tritonize.kernels._activations import (
 from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2
 from tritonize.kernels._common import (
     FLOAT_DTYPES, INTERPRET, check_arg, device_sms, eager_fast_path, fast_apply, tuning_candidates, check_same_device,
-    check_tensor, stream_scratch, use_triton,
+    check_tensor, use_triton,
 )  # fmt: skip
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
@@ -538,8 +538,8 @@ def _linear_act_bwd_kernel(
     s_ptr,  # (M, N) saved: Z (pre-activation) or Y (GRAD_FROM_OUT); row stride stride_sm, unit col
     dz_ptr,  # (M, N) out: dZ = dY * act'(Z); may be s_ptr itself (in place), same strides as s
     db_ptr,  # (N,) out (HAS_BIAS): db = column sums of dZ, in dZ's dtype
-    dbp_ptr,  # (G, N) fp32 scratch (HAS_BIAS): per-program column sums, G = the grid's 2nd dim
-    cnt_ptr,  # (cdiv(N, BLOCK_N),) int32 (HAS_BIAS): zero on entry, left zero: programs done per strip
+    dbp_ptr,  # (G * N + cdiv(N, BLOCK_N),) fp32, zeroed (HAS_BIAS): per-program column sums (G x N,
+    # G = the grid's 2nd dim), then one int32 ticket counter per column strip
     M,
     N,
     stride_dym,
@@ -584,8 +584,8 @@ def _linear_act_bwd_kernel(
         # Finish db here instead of a torch.sum + cast after (two launches, ~25 us of host time
         # on the H100 host, 6 us of GPU time): the strip's programs take tickets; the atomic is
         # acq_rel, so the one holding the last ticket sees every partial row stored before the
-        # others' tickets. It adds them in g order (fixed: reruns are bit-identical), writes db
-        # and puts the counter back to zero for the next launch on this stream.
+        # others' tickets. It adds them in a fixed order (reruns are bit-identical) and writes db.
+        cnt_ptr = (dbp_ptr + G * N).to(tl.pointer_type(tl.int32), bitcast=True)
         ticket = tl.atomic_add(cnt_ptr + pid_n, 1)
         if ticket == G - 1:
             # RED_ROWS partial rows per load (one row per load would be G dependent round trips
@@ -597,7 +597,6 @@ def _linear_act_bwd_kernel(
                                mask=(g < G)[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
                 db += tl.sum(part, axis=0)
             tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=col_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @fast_launch
@@ -779,11 +778,15 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
             groups = max(1, min(cdiv(M, bm), cdiv(device_sms(x2) * per_sm, col_blocks)))
             if need_db:
                 db = x2.new_empty((N,))
-                cnt, dbp = stream_scratch(x2, col_blocks, groups * N)
+                # partial rows and the strips' ticket counters in one zeroed allocation, per call:
+                # a buffer kept across calls would save the memset, but one first made inside a
+                # CUDA-graph pool (torch.compile's cudagraph trees) would stay live there, and
+                # their pool checks reject such allocations
+                dbp = torch.zeros((groups * N + col_blocks,), dtype=torch.float32, device=x2.device)
             else:
-                cnt = dbp = db = dz  # unused
+                dbp = db = dz  # unused
             _linear_act_bwd_kernel[(col_blocks, groups)](
-                dy2, saved2, dz, db, dbp, cnt, M, N, dy2.stride(0), dy2.stride(1), saved2.stride(0),
+                dy2, saved2, dz, db, dbp, M, N, dy2.stride(0), dy2.stride(1), saved2.stride(0),
                 ACTIVATION=activation, GRAD_FROM_OUT=from_out, HAS_BIAS=need_db,
                 BLOCK_M=bm, BLOCK_N=bn, RED_ROWS=_EW_RED_ROWS, num_warps=warps,
             )  # fmt: skip

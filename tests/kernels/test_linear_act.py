@@ -208,7 +208,8 @@ def test_ablation_paths(device, monkeypatch):
     # "auto" (the default): fused Triton forward for small calls, cuBLAS + element-wise for large
     monkeypatch.setattr(la, "FORWARD_IMPL", "auto")
     assert la._forward_impl(9, 33, 17, 1) == la._forward_impl(64, 768, 3072, 1) == "triton"  # tiny, decode-sized
-    assert la._forward_impl(8192, 3072, 768, 1) == "cublas"  # GPT-2 MLP at 8192 tokens
+    assert la._forward_impl(8192, 3072, 768, 1) == "persistent"  # GPT-2 MLP at 8192 tokens
+    assert la._forward_impl(8192, 14336, 4096, 1) == "cublas"  # one product beyond the measured range
     assert la._forward_impl(8192, 8192, 2048, 2) == la._forward_impl(8192, 14336, 4096, 2) == "cublas"  # Llama
     # TMA forward: needs 16-byte aligned rows (K=24 in fp16), tails in M, N and K (K=24 is not a
     # multiple of the interpreter's BLOCK_K=16: the descriptor zero-fills); K=17 falls back
@@ -223,6 +224,32 @@ def test_ablation_paths(device, monkeypatch):
                [x, w, b], dy, ["x", "weight", "bias"], f"tma fwd {xs}")  # fmt: skip
         _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
                [x, wg, wu], dy, ["x", "w_gate", "w_up"], f"gated tma fwd {xs}")  # fmt: skip
+
+
+def test_persistent_forward(device, monkeypatch):
+    """The persistent fused forward (device-built TMA descriptors, two half-width epilogue
+    subtiles): tails in M, N and K, M=1, with and without bias, with and without Z stored (no
+    grad), every activation; x and W it cannot take (K=17: rows not 16-byte aligned; fp32; a
+    transposed W) fall back to the cuBLAS forward, still right."""
+    monkeypatch.setattr(la, "FORWARD_IMPL", "persistent")
+    dtype = torch.float16
+    for xs, n, bias in [((37, 24), 40, True), ((1, 16), 8, False), ((2, 35, 40), 72, True)]:
+        x, (w,), b = _make(xs, n, dtype, device, bias=bias)
+        assert la._persistent_ok(x.reshape(-1, xs[-1]), w)
+        dy = torch.randn(*xs[:-1], n, device=device).to(dtype)
+        for act in (["gelu_tanh", "silu", "relu", "none"] if bias else ["gelu"]):
+            _check(lambda x, w, b: linear_act(x, w, b, act), lambda x, w, b: linear_act_reference(x, w, b, act),
+                   [x, w, b], dy, ["x", "weight", "bias"] if bias else ["x", "weight"], f"persistent {act} {xs}")  # fmt: skip
+        with torch.no_grad():  # inference: Z not stored
+            torch.testing.assert_close(linear_act(x, w, b, "gelu_tanh").float(),
+                                       linear_act_reference(x, w, b, "gelu_tanh", upcast=True), atol=2e-2, rtol=2e-2)
+    x, (w,), b = _make((9, 17), 33, dtype, device)
+    assert not la._persistent_ok(x, w)
+    assert not la._persistent_ok(x.float()[:, :16], w.float()[:, :16])
+    assert not la._persistent_ok(x[:, :16], w.t().contiguous().t()[:, :16])
+    dy = torch.randn(9, 33, device=device).to(dtype)
+    _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+           [x, w, b], dy, ["x", "weight", "bias"], "persistent falls back (K=17)")  # fmt: skip
 
 
 def test_reference_path_of_the_ops(device, monkeypatch):
@@ -272,6 +299,13 @@ def test_larger_awkward_shape_cuda():
                [x, w, b], dy, ["x", "weight", "bias"], f"large {dtype}")  # fmt: skip
         _check(lambda x, a, b: gated_linear(x, a, b), lambda x, a, b: gated_linear_reference(x, a, b),
                [x, wg, wu], dy, ["x", "w_gate", "w_up"], f"large gated {dtype}")  # fmt: skip
+        # K, N multiples of 8: "auto" takes the persistent TMA forward here (fp16/bf16; fp32: cuBLAS)
+        x, (w,), b = _make((1823, 784), 1032, dtype, "cuda")
+        assert la._forward_impl(1823, 1032, 784, 1) == "persistent"
+        assert la._persistent_ok(x, w) == (dtype != torch.float32)
+        dy = torch.randn(1823, 1032, device="cuda").to(dtype)
+        _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+               [x, w, b], dy, ["x", "weight", "bias"], f"large persistent {dtype}")  # fmt: skip
 
 
 def test_bad_arguments(device):

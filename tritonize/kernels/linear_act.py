@@ -14,15 +14,15 @@ stored at ~3 TB/s), ~0.5% of that step.
 x is (..., K) with any strides; weights are (N, K) as `nn.Linear` stores them and are read
 transposed through their strides (never copied). Activations come from `_activations.ACTIVATIONS`.
 
-Forward, two implementations (`FORWARD_IMPL`, default "auto", chosen per call by size):
+Forward, three implementations (`FORWARD_IMPL`, default "auto", chosen per call by size):
   - fused Triton: one tiled GEMM (grouped program order, fp16/bf16 `tl.dot` into fp32
     accumulators) whose epilogue adds the bias and applies the activation in registers, so the
     pre-activation makes no round trip through memory; the gated kernel keeps two accumulators
     and reads each x tile once for both products. A TMA-descriptor variant ("tma") of the same
     kernel is kept as an option.
   - cuBLAS + element-wise: F.linear writes Z (G and U), one Triton pass applies the activation.
-  "auto" takes cuBLAS from CUBLAS_FWD_MIN_WORK (M*N*K summed over products, 2^36) up, the fused
-  kernel below it. Why (H100, bf16, M=8192, benchmarks/sweep_linear_act.py and bench_linear_act.py;
+  "auto" takes cuBLAS from CUBLAS_FWD_MIN_WORK (M*N*K summed over products; 2^36 in session 1,
+  2^30 since direct launches: see the constant) up, the fused kernel below it. Why (H100, bf16, M=8192, benchmarks/sweep_linear_act.py and bench_linear_act.py;
   numbers in docs/notes/linear_act.md): the round trip the fusion saves is 3-10% of the forward,
   but cuBLAS's main loop is 15-25% faster than this Triton GEMM on triton 3.6 (pointer loads,
   non-persistent, no warp specialisation): forward kernel times with Z / G, U stored, cuBLAS+ew vs
@@ -33,12 +33,14 @@ Forward, two implementations (`FORWARD_IMPL`, default "auto", chosen per call by
   F.linear + a second launch (0.76 vs 0.97 ms): they keep the fused forward, and with it the
   issue's "no round trip of the pre-activation". Honest summary: at the two Llama shapes the
   default forward DOES round-trip G and U through memory, because that is measurably faster.
-  Since direct launches (above: CUBLAS_FWD_MIN_WORK) that holds at GPT-2's shape too. Session 10
-  tried a persistent fused forward (TMA loads and stores, a flattened tile loop so the next tile's
-  loads overlap the epilogue; 156 configs): 90.4 us against cuBLAS + pass 96.9 and cuBLAS's GEMM
-  alone 60.8 at GPT-2's MLP; not shipped for 6 us, since it needs TMA descriptors built either on
-  the host (Triton's slow launch path, ~60 us of host time) or on the device (a process-wide
-  Triton allocator). Details: docs/results/linear_act.md, session 10.
+  - persistent fused (session 10, "persistent", linear_act only): the same epilogue in a
+    persistent kernel (TMA loads and stores, a flattened tile loop so the next tile's loads are
+    in flight during the epilogue, device-built descriptors whose scratch comes from triton's
+    allocator). GPT-2's MLP forward: 93.3 us against cuBLAS + pass 96.5 (cuBLAS's GEMM alone:
+    60.8), and one launch instead of two. "auto" takes it for one product from
+    CUBLAS_FWD_MIN_WORK to PERSISTENT_FWD_MAX_WORK when x and W suit TMA (fp16/bf16, 16-byte
+    aligned rows), so at GPT-2's shape Z again makes no round trip. Sweeps:
+    docs/results/linear_act.md, session 10.
 
 Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in: the
                                                last program of each column strip adds the partials)
@@ -106,7 +108,7 @@ from tritonize.kernels._common import (
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
 # defaults are chosen from H100 measurements: see the module docstring and docs/notes/linear_act.md.
 SAVE_PRE = True  # save the pre-activation for backward (True) or recompute it there (False)
-FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "triton" | "tma" | "cublas"
+FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "triton" | "tma" | "cublas" | "persistent"
 # "auto": cuBLAS + element-wise epilogue from this much forward work (M*N*K per product, summed
 # over the products) up, the fused Triton forward below it. Session 1 put the line at 2^36, above
 # GPT-2's MLP at 8192 tokens (1.9e10), when a Triton launch cost 30-80 us of host time and one
@@ -116,12 +118,21 @@ FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "t
 # a 12-layer Llama 54.3 vs 52.6 ms, within that host's noise). 2^30 keeps tiny GEMMs (decode,
 # small models) on the single fused launch, which no measurement has ranked yet.
 CUBLAS_FWD_MIN_WORK = 2**30
+# Session 10: one product (linear_act) from CUBLAS_FWD_MIN_WORK up to this much work takes the
+# persistent fused forward ("persistent": TMA loads and stores, the next tile's loads issued during
+# the epilogue), when its inputs suit TMA. H100, GPT-2's MLP at 8192 tokens (1.9e10): 93.3 us
+# against cuBLAS + the activation pass 96.5 (run 5), one launch instead of two; it is the only
+# single-product shape measured, so larger calls stay on cuBLAS.
+PERSISTENT_FWD_MAX_WORK = 2**35
 
 
 def _forward_impl(M: int, N: int, K: int, n_products: int) -> str:
     if FORWARD_IMPL != "auto":
         return FORWARD_IMPL
-    return "cublas" if M * N * K * n_products >= CUBLAS_FWD_MIN_WORK else "triton"
+    work = M * N * K * n_products
+    if work < CUBLAS_FWD_MIN_WORK:
+        return "triton"
+    return "persistent" if n_products == 1 and work <= PERSISTENT_FWD_MAX_WORK else "cublas"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +472,74 @@ def _linear_act_fwd_tma_kernel(
 
 
 @fast_launch
+@triton.jit
+def _linear_act_fwd_persistent_kernel(
+    x_ptr,  # (M, K), unit inner stride, row stride stride_xm (TMA: 16-byte aligned rows)
+    w_ptr,  # (N, K), unit inner stride, row stride stride_wn
+    b_ptr,  # (N,) bias (HAS_BIAS)
+    y_ptr,  # (M, N) contiguous out: act(Z)
+    pre_ptr,  # (M, N) contiguous out: Z = x W^T + b (STORE_PRE)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+):
+    # FORWARD_IMPL="persistent": NUM_PROGS programs walk the tiles (grouped order, stride
+    # NUM_PROGS). `flatten=True` fuses the tile loop and the K loop into one software pipeline,
+    # so the next tile's x / W loads are in flight while this tile's epilogue runs; the epilogue
+    # stores Z and act(Z) through TMA in two half-width subtiles (half the shared memory, and the
+    # activation of one half overlaps the store of the other). Descriptors are built on the
+    # device (their scratch comes from triton's allocator: _ensure_triton_allocator).
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    HALF: tl.constexpr = BLOCK_N // 2
+    y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF])
+    z_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    in_group = GROUP_M * num_pid_n
+    k_steps = tl.cdiv(K, BLOCK_K)
+    tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's tile, tracked apart from the loads'
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+        first_m = (tile // in_group) * GROUP_M
+        rows = min(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + tile % rows) * BLOCK_M
+        off_n = ((tile % in_group) // rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            a = x_desc.load([off_m, k * BLOCK_K])
+            b = w_desc.load([off_n, k * BLOCK_K])  # (BLOCK_N, BLOCK_K): W's rows; the dot takes W^T
+            acc = tl.dot(a, b.T, acc)
+        tile_e += NUM_PROGS
+        first_m = (tile_e // in_group) * GROUP_M
+        rows = min(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + tile_e % rows) * BLOCK_M
+        off_n = ((tile_e % in_group) // rows) * BLOCK_N
+        # (BLOCK_M, BLOCK_N) -> two (BLOCK_M, HALF) halves: columns [0, HALF) and [HALF, BLOCK_N)
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, HALF)
+            lo = lo + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            hi = hi + tl.load(b_ptr + rn + HALF, mask=rn + HALF < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            z_desc.store([off_m, off_n], lo.to(pre_ptr.dtype.element_ty))
+        y_desc.store([off_m, off_n], activation_fwd(lo, ACTIVATION).to(y_ptr.dtype.element_ty))
+        if STORE_PRE:
+            z_desc.store([off_m, off_n + HALF], hi.to(pre_ptr.dtype.element_ty))
+        y_desc.store([off_m, off_n + HALF], activation_fwd(hi, ACTIVATION).to(y_ptr.dtype.element_ty))
+
+
+@fast_launch
 @triton.autotune(
     configs=_GATED_TMA_CONFIGS,
     key=["M_BUCKET", "N", "K"],
@@ -693,18 +772,67 @@ def _desc(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, [1, 1])
 
 
+# The persistent forward's one config: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps,
+# programs per SM). H100 sweep, GPT-2's MLP (bf16, 8192x768->3072, Z stored; runs 4, 5, 11 of
+# session 10, 156 configs): (128, 128, 64, 8, 3, 8, 2) best, 90.4 us with host-built descriptors,
+# 93.3 with device-built ones; the next: 4 warps 93.0, 64x128 tiles 99.1, 128x256 tiles 100.6,
+# one program per SM 107-122. The interpreter: small tiles, several tiles per program.
+_PERSISTENT = (16, 32, 16, 2, 1, 4, 1) if INTERPRET else (128, 128, 64, 8, 3, 8, 2)
+
+
+def _persistent_ok(x2, weight) -> bool:
+    """TMA's rules for x, W and the (M, N) outputs: fp16/bf16 (fp32 keeps the exact pointer
+    path), unit inner strides, 16-byte aligned bases and row strides."""
+    if x2.dtype not in (torch.float16, torch.bfloat16) or x2.stride(1) != 1 or weight.stride(1) != 1:
+        return False
+    es = x2.element_size()
+    return ((x2.stride(0) * es) % 16 == 0 and (weight.stride(0) * es) % 16 == 0 and (weight.shape[0] * es) % 16 == 0
+            and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def _scratch_alloc(size: int, alignment: int, stream):
+    # torch's caching allocator, on the launch's stream (the current one): a temporary, freed
+    # stream-ordered after the launch, so CUDA-graph capture keeps working
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_triton_allocator():
+    """Device-built TMA descriptors need global scratch, which triton requests from its allocator
+    at launch. Set ours where none is set (triton's default raises); a user's stays. Per call:
+    triton keeps the allocator in a ContextVar, so each thread starts without one."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_alloc)
+
+
 def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
     """(y, pre) for 2-D x; pre is None unless store_pre. y and pre are contiguous (M, N)."""
     M, K = x2.shape
     N = weight.shape[0]
     y = x2.new_empty((M, N))  # new_empty: ~1-2 us less host time than torch.empty(device=, dtype=)
     impl = _forward_impl(M, N, K, 1)
+    if impl == "persistent" and not _persistent_ok(x2, weight):
+        impl = "cublas"  # strides, alignment or dtype TMA cannot take
     with device_ctx(x2):
         if impl == "cublas":
             z = F.linear(x2, weight, bias)  # cuBLAS writes Z; a second pass applies act
             _launch_act_fwd(z, None, y, activation)
             return y, (z if store_pre else None)
         pre = x2.new_empty((M, N)) if store_pre else None
+        if impl == "persistent":
+            bm, bn, bk, gm, stages, warps, per_sm = _PERSISTENT
+            progs = min(device_sms(x2) * per_sm, cdiv(M, bm) * cdiv(N, bn))
+            if not INTERPRET:
+                _ensure_triton_allocator()
+            _linear_act_fwd_persistent_kernel[(progs,)](
+                x2, weight, bias if bias is not None else y, y, pre if store_pre else y,
+                M, N, K, x2.stride(0), weight.stride(0),
+                ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=store_pre,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=progs,
+                num_stages=stages, num_warps=warps,
+            )  # fmt: skip
+            return y, pre
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if impl == "tma" and _tma_ok(x2, weight):
             _linear_act_fwd_tma_kernel[grid](

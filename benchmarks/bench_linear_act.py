@@ -20,7 +20,8 @@ Rows per shape:
   compile          torch.compile of the eager function
   liger            LigerSiLUMulFunction on the two F.linear outputs (how Liger's MLP runs)
   tritonize        linear_act / gated_linear as shipped (FORWARD_IMPL="auto": fused Triton forward
-                   for small calls, cuBLAS + element-wise for large ones; dZ kernel + cuBLAS bwd)
+                   for small calls, the persistent fused forward for mid-size single products
+                   (GPT-2's), cuBLAS + element-wise for large ones; dZ kernel + cuBLAS bwd)
   matmul_only      the same GEMMs on cuBLAS with no activation at all: the shape's own ceiling
 ablation rows (the two design choices in tritonize/kernels/linear_act.py):
   tritonize_recompute   SAVE_PRE=False: Z recomputed in backward by the GEMM (GPT-2 shape)
@@ -117,6 +118,9 @@ def _tuned_config(la, gated, M, N, K):
     impl = la._forward_impl(M, N, K, 1 + gated)
     if impl == "cublas":
         return "cublas"
+    if impl == "persistent":
+        bm, bn, bk, gm, stages, warps, per_sm = la._PERSISTENT
+        return f"persistent {bm}x{bn}x{bk} g{gm} s{stages} w{warps} {per_sm}/SM"
     if impl == "tma":
         kernel = la._gated_linear_fwd_tma_kernel if gated else la._linear_act_fwd_tma_kernel
     else:

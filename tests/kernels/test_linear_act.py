@@ -252,6 +252,22 @@ def test_persistent_forward(device, monkeypatch):
            [x, w, b], dy, ["x", "weight", "bias"], "persistent falls back (K=17)")  # fmt: skip
 
 
+def test_strided_and_expanded_bias(device, monkeypatch):
+    """A bias that is a strided view (every other element of a longer vector) or expanded from one
+    element (stride 0) is read through its stride by every forward (fused Triton, TMA,
+    persistent, cuBLAS) and by the recompute backward; db comes back with the bias's shape."""
+    dtype = torch.float16
+    x, (w,), _ = _make((9, 24), 40, dtype, device)
+    dy = torch.randn(9, 40, device=device).to(dtype)
+    for bias in (torch.randn(80, device=device).to(dtype)[::2], torch.randn(1, device=device).to(dtype).expand(40)):
+        assert bias.stride(0) != 1
+        for fwd, save_pre in [("triton", True), ("tma", True), ("persistent", True), ("cublas", True), ("triton", False)]:
+            monkeypatch.setattr(la, "FORWARD_IMPL", fwd)
+            monkeypatch.setattr(la, "SAVE_PRE", save_pre)
+            _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+                   [x, w, bias], dy, ["x", "weight", "bias"], f"bias stride {bias.stride(0)} fwd={fwd} save={save_pre}")  # fmt: skip
+
+
 def test_reference_path_of_the_ops(device, monkeypatch):
     """The custom ops' plain-torch path (CPU without the interpreter) gives the same gradients."""
     monkeypatch.setattr(la, "use_triton", lambda t: False)

@@ -290,6 +290,7 @@ def _linear_act_fwd_kernel(
     stride_yn,
     stride_dym,
     stride_dyn,
+    stride_b,  # the bias's element stride (a strided or expanded bias is read as it is)
     M_BUCKET,  # autotune key only
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -328,7 +329,7 @@ def _linear_act_fwd_kernel(
 
     # Epilogue, in fp32 registers: Z = acc + b; Y = act(Z).
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + rn * stride_b, mask=rn < N, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     rm64 = rm.to(tl.int64)
@@ -437,6 +438,7 @@ def _linear_act_fwd_tma_kernel(
     K,
     stride_ym,
     stride_yn,
+    stride_b,  # the bias's element stride
     M_BUCKET,  # autotune key only
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -461,7 +463,7 @@ def _linear_act_fwd_tma_kernel(
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + rn * stride_b, mask=rn < N, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out_offs = rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
@@ -484,6 +486,7 @@ def _linear_act_fwd_persistent_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_b,  # the bias's element stride
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -529,8 +532,8 @@ def _linear_act_fwd_persistent_kernel(
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         if HAS_BIAS:
             rn = off_n + tl.arange(0, HALF)
-            lo = lo + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            hi = hi + tl.load(b_ptr + rn + HALF, mask=rn + HALF < N, other=0.0).to(tl.float32)[None, :]
+            lo = lo + tl.load(b_ptr + rn * stride_b, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            hi = hi + tl.load(b_ptr + (rn + HALF) * stride_b, mask=rn + HALF < N, other=0.0).to(tl.float32)[None, :]
         if STORE_PRE:
             z_desc.store([off_m, off_n], lo.to(pre_ptr.dtype.element_ty))
         y_desc.store([off_m, off_n], activation_fwd(lo, ACTIVATION).to(y_ptr.dtype.element_ty))
@@ -812,6 +815,7 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
     N = weight.shape[0]
     y = x2.new_empty((M, N))  # new_empty: ~1-2 us less host time than torch.empty(device=, dtype=)
     impl = _forward_impl(M, N, K, 1)
+    sb = bias.stride(0) if bias is not None else 0
     if impl == "persistent" and not _persistent_ok(x2, weight):
         impl = "cublas"  # strides, alignment or dtype TMA cannot take
     with device_ctx(x2):
@@ -827,7 +831,7 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
                 _ensure_triton_allocator()
             _linear_act_fwd_persistent_kernel[(progs,)](
                 x2, weight, bias if bias is not None else y, y, pre if store_pre else y,
-                M, N, K, x2.stride(0), weight.stride(0),
+                M, N, K, x2.stride(0), weight.stride(0), sb,
                 ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=store_pre,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=progs,
                 num_stages=stages, num_warps=warps,
@@ -837,14 +841,14 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
         if impl == "tma" and _tma_ok(x2, weight):
             _linear_act_fwd_tma_kernel[grid](
                 _desc(x2), _desc(weight), bias if bias is not None else y, y, pre if store_pre else y,
-                M, N, K, y.stride(0), y.stride(1), _m_bucket(M),
+                M, N, K, y.stride(0), y.stride(1), sb, _m_bucket(M),
                 ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=store_pre,
             )  # fmt: skip
             return y, pre
         _linear_act_fwd_kernel[grid](
             x2, weight, bias if bias is not None else y, y, pre if store_pre else y, y,
             M, N, K,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), 0, 0,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), 0, 0, sb,
             _m_bucket(M),
             ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=store_pre, GRAD_OUT=False,
             INPUT_PRECISION=_input_precision(x2.dtype),
@@ -870,7 +874,7 @@ def linear_act_recompute_dz(dy2, x2, weight, bias, activation: str):
         x2, weight, bias if bias is not None else dz, dz, dz, dy2,
         M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), dz.stride(1),
-        dy2.stride(0), dy2.stride(1),
+        dy2.stride(0), dy2.stride(1), bias.stride(0) if bias is not None else 0,
         _m_bucket(M),
         ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_PRE=False, GRAD_OUT=True,
         INPUT_PRECISION=_input_precision(x2.dtype),

@@ -251,18 +251,19 @@ def _m_bucket(m: int) -> int:
 
 
 @triton.jit
-def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # Grouped ("swizzled") order: GROUP_M row-tiles walk the columns together, so a band of W
-    # stays in L2 while GROUP_M tiles of x reuse it. Tile number -> (row tile, column tile).
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    rows = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % in_group) % rows, (tile % in_group) // rows
-
-
-@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    return _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Grouped ("swizzled") order: GROUP_M row-tiles walk the columns together, so a band of W
+    # stays in L2 while GROUP_M tiles of x reuse it.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @fast_launch
@@ -510,21 +511,25 @@ def _linear_act_fwd_persistent_kernel(
     z_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    in_group = GROUP_M * num_pid_n
     k_steps = tl.cdiv(K, BLOCK_K)
     tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's tile, tracked apart from the loads'
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
-        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+        first_m = (tile // in_group) * GROUP_M
+        rows = min(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + tile % rows) * BLOCK_M
+        off_n = ((tile % in_group) // rows) * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_steps):
             a = x_desc.load([off_m, k * BLOCK_K])
             b = w_desc.load([off_n, k * BLOCK_K])  # (BLOCK_N, BLOCK_K): W's rows; the dot takes W^T
             acc = tl.dot(a, b.T, acc)
         tile_e += NUM_PROGS
-        pid_m, pid_n = _grouped_tile(tile_e, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        first_m = (tile_e // in_group) * GROUP_M
+        rows = min(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + tile_e % rows) * BLOCK_M
+        off_n = ((tile_e % in_group) // rows) * BLOCK_N
         # (BLOCK_M, BLOCK_N) -> two (BLOCK_M, HALF) halves: columns [0, HALF) and [HALF, BLOCK_N)
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         if HAS_BIAS:

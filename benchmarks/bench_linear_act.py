@@ -20,14 +20,18 @@ Rows per shape:
   compile          torch.compile of the eager function
   liger            LigerSiLUMulFunction on the two F.linear outputs (how Liger's MLP runs)
   tritonize        linear_act / gated_linear as shipped (FORWARD_IMPL="auto": fused Triton forward
-                   for small calls, the persistent fused forward for mid-size single products
-                   (GPT-2's), cuBLAS + element-wise for large ones; dZ kernel + cuBLAS bwd)
+                   for small calls; from 2^30 of work cuBLASLt's bias+activation epilogue for one
+                   gelu_tanh / relu product (GPT-2's), the persistent fused forward for other
+                   mid-size single products, cuBLAS + element-wise for large and gated ones;
+                   dZ kernel + cuBLAS bwd)
   matmul_only      the same GEMMs on cuBLAS with no activation at all: the shape's own ceiling
 ablation rows (the two design choices in tritonize/kernels/linear_act.py):
   tritonize_recompute   SAVE_PRE=False: Z recomputed in backward by the GEMM (GPT-2 shape)
   tritonize_triton_fwd  FORWARD_IMPL="triton": the fused Triton GEMM + epilogue forward
   tritonize_cublas_fwd  FORWARD_IMPL="cublas": cuBLAS GEMM(s) + element-wise epilogue kernel
   tritonize_tma         FORWARD_IMPL="tma": the Triton forward with TMA-descriptor tile loads
+  tritonize_persistent_fwd  FORWARD_IMPL="persistent": the persistent fused Triton forward (the
+                        default for GPT-2's shape before cuBLASLt's epilogue took it, session 11)
 fwd_bwd_ms: end to end (triton's do_bench: median of ~100 ms of calls, L2 cleared before each
 call; a call whose CPU time exceeds the GPU's is measured by the host), the FASTEST of --rounds
 interleaved rounds (each implementation timed once per round, in turn); fwd_bwd_median and
@@ -113,11 +117,11 @@ def _impls(act, gated):
     return la, impls
 
 
-def _tuned_config(la, gated, M, N, K):
-    """The forward kernel's autotuned config (the last one chosen), or '' for the cuBLAS forward."""
-    impl = la._forward_impl(M, N, K, 1 + gated)
-    if impl == "cublas":
-        return "cublas"
+def _tuned_config(la, gated, M, N, K, act):
+    """The forward kernel's autotuned config (the last one chosen), or the library's name."""
+    impl = la._forward_impl(M, N, K, 1 + gated, act)
+    if impl in ("cublas", "cublaslt"):
+        return impl
     if impl == "persistent":
         bm, bn, bk, gm, stages, warps, per_sm = la._PERSISTENT
         return f"persistent {bm}x{bn}x{bk} g{gm} s{stages} w{warps} {per_sm}/SM"
@@ -193,6 +197,8 @@ def main(argv=None):
             runs.append(("tritonize_triton_fwd", impls["tritonize"], {"FORWARD_IMPL": "triton"}))
             runs.append(("tritonize_cublas_fwd", impls["tritonize"], {"FORWARD_IMPL": "cublas"}))
             runs.append(("tritonize_tma", impls["tritonize"], {"FORWARD_IMPL": "tma"}))
+            if not gated:
+                runs.append(("tritonize_persistent_fwd", impls["tritonize"], {"FORWARD_IMPL": "persistent"}))
         ref_out, measured = {}, {}  # impl -> (base, row, fwd_bwd, switches)
         for impl, fn, switches in runs:
             base = dict(op="gated_linear" if gated else "linear_act", impl=impl, shape=shape, model=name, act=act)
@@ -231,7 +237,7 @@ def main(argv=None):
                     if not ok:
                         row["note"] = "cpu slower than the queued sleep: gpu_ms includes launch gaps"
                     if impl.startswith("tritonize"):
-                        row["fwd_config"] = _tuned_config(la, gated, M, N, K)
+                        row["fwd_config"] = _tuned_config(la, gated, M, N, K, act)
                     measured[impl] = (base, row, fwd_bwd, switches, [])
             except Exception as e:  # a failing impl is a row, never a crash that loses the others
                 bench.row(**base, error=_err(e))

@@ -209,6 +209,11 @@ def test_ablation_paths(device, monkeypatch):
     monkeypatch.setattr(la, "FORWARD_IMPL", "auto")
     assert la._forward_impl(9, 33, 17, 1) == la._forward_impl(64, 768, 3072, 1) == "triton"  # tiny, decode-sized
     assert la._forward_impl(8192, 3072, 768, 1) == "persistent"  # GPT-2 MLP at 8192 tokens
+    # ... unless cuBLASLt has the epilogue: GPT-2's gelu_tanh (and relu); not silu / erf gelu / gated
+    assert la._forward_impl(8192, 3072, 768, 1, "gelu_tanh") == la._forward_impl(8192, 3072, 768, 1, "relu") == "cublaslt"
+    assert la._forward_impl(8192, 3072, 768, 1, "silu") == la._forward_impl(8192, 3072, 768, 1, "gelu") == "persistent"
+    assert la._forward_impl(9, 33, 17, 1, "gelu_tanh") == "triton"
+    assert la._forward_impl(8192, 8192, 2048, 2, "gelu_tanh") == "cublas"
     assert la._forward_impl(8192, 14336, 4096, 1) == "cublas"  # one product beyond the measured range
     assert la._forward_impl(8192, 8192, 2048, 2) == la._forward_impl(8192, 14336, 4096, 2) == "cublas"  # Llama
     # TMA forward: needs 16-byte aligned rows (K=24 in fp16), tails in M, N and K (K=24 is not a
@@ -252,6 +257,59 @@ def test_persistent_forward(device, monkeypatch):
            [x, w, b], dy, ["x", "weight", "bias"], "persistent falls back (K=17)")  # fmt: skip
 
 
+def test_cublaslt_forward_falls_back(device, monkeypatch):
+    """FORWARD_IMPL="cublaslt" where cuBLASLt's epilogue cannot take the call (CPU tensors, fp32,
+    K=17 rows not 16-byte aligned, silu: no such epilogue) runs the forward "auto" would otherwise
+    pick, and is right."""
+    monkeypatch.setattr(la, "FORWARD_IMPL", "cublaslt")
+    lt = importlib.import_module("tritonize.kernels._cublaslt")
+    for dtype in dtypes_for(device):
+        for xs, n, act in [((9, 17), 33, "gelu_tanh"), ((9, 24), 40, "silu")]:
+            x, (w,), b = _make(xs, n, dtype, device)
+            if device == "cpu" or dtype == torch.float32 or xs[-1] == 17 or act == "silu":
+                assert lt.linear_act_epilogue(x, w, b, act, True) is None
+            dy = torch.randn(xs[0], n, device=device).to(dtype)
+            _check(lambda x, w, b: linear_act(x, w, b, act), lambda x, w, b: linear_act_reference(x, w, b, act),
+                   [x, w, b], dy, ["x", "weight", "bias"], f"cublaslt fallback {act} {dtype} {xs}")  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt: GPU only")
+def test_cublaslt_epilogue_cuda(monkeypatch):
+    """cuBLASLt's bias + GELU(tanh) / ReLU epilogue (kernels/_cublaslt.py): it is taken (not a silent
+    fallback), Z comes back as the aux output, forward and every gradient pass the three-way rule
+    (tails, M=1, no bias, a 3-D x, without grad); and its GELU is the tanh form, not erf."""
+    lt = importlib.import_module("tritonize.kernels._cublaslt")
+    monkeypatch.setattr(la, "FORWARD_IMPL", "cublaslt")
+    for dtype in (torch.float16, torch.bfloat16):
+        for xs, n, bias in [((37, 24), 40, True), ((1, 16), 8, False), ((3, 35, 40), 72, True)]:
+            x, (w,), b = _make(xs, n, dtype, "cuda", bias=bias)
+            x2 = x.reshape(-1, xs[-1])
+            for act in ("gelu_tanh", "relu"):
+                store = act == "gelu_tanh"
+                out = lt.linear_act_epilogue(x2, w, b, act, store)
+                assert out is not None, f"cuBLASLt did not take {act} {dtype} {xs}"
+                if store:
+                    torch.testing.assert_close(out[1], torch.nn.functional.linear(x2, w, b), atol=2e-2, rtol=2e-2)
+                dy = torch.randn(*xs[:-1], n, device="cuda").to(dtype)
+                names = ["x", "weight", "bias"] if bias else ["x", "weight"]
+                _check(lambda x, w, b: linear_act(x, w, b, act), lambda x, w, b: linear_act_reference(x, w, b, act),
+                       [x, w, b], dy, names, f"cublaslt {act} {dtype} {xs}")  # fmt: skip
+                with torch.no_grad():  # no Z stored: the epilogue without aux
+                    assert_close3(linear_act(x, w, b, act), linear_act_reference(x, w, b, act),
+                                  linear_act_reference(x.double(), w.double(), b.double() if bias else None, act),
+                                  name=f"cublaslt no-grad {act} {dtype} {xs}")
+    # tanh, not erf: where GELU's output is small (z in [-3, -0.5]) fp16 resolves 1e-5, and the two
+    # forms differ by ~1e-4
+    x = torch.randn(4096, 64, device="cuda", dtype=torch.float16)
+    w = (torch.randn(256, 64, device="cuda") / 4).to(torch.float16)
+    y, _ = lt.linear_act_epilogue(x, w, None, "gelu_tanh", False)
+    z = x.float() @ w.float().t()
+    sel = (z > -3) & (z < -0.5)
+    err_tanh = (y.float() - torch.nn.functional.gelu(z, approximate="tanh"))[sel].abs().mean()
+    err_erf = (y.float() - torch.nn.functional.gelu(z))[sel].abs().mean()
+    assert err_tanh * 3 < err_erf, (err_tanh, err_erf)
+
+
 def test_strided_and_expanded_bias(device, monkeypatch):
     """A bias that is a strided view (every other element of a longer vector) or expanded from one
     element (stride 0) is read through its stride by every forward (fused Triton, TMA,
@@ -261,7 +319,8 @@ def test_strided_and_expanded_bias(device, monkeypatch):
     dy = torch.randn(9, 40, device=device).to(dtype)
     for bias in (torch.randn(80, device=device).to(dtype)[::2], torch.randn(1, device=device).to(dtype).expand(40)):
         assert bias.stride(0) != 1
-        for fwd, save_pre in [("triton", True), ("tma", True), ("persistent", True), ("cublas", True), ("triton", False)]:
+        for fwd, save_pre in [("triton", True), ("tma", True), ("persistent", True), ("cublas", True), ("cublaslt", True),
+                              ("triton", False)]:
             monkeypatch.setattr(la, "FORWARD_IMPL", fwd)
             monkeypatch.setattr(la, "SAVE_PRE", save_pre)
             _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),

@@ -82,6 +82,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tritonize.kernels import _cublaslt
 from tritonize.kernels._launch import fast_launch
 
 from triton.runtime import _allocation as _triton_allocation  # the persistent forward's scratch allocator
@@ -110,7 +111,7 @@ from tritonize.kernels._common import (
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
 # defaults are chosen from H100 measurements: see the module docstring and docs/notes/linear_act.md.
 SAVE_PRE = True  # save the pre-activation for backward (True) or recompute it there (False)
-FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "triton" | "tma" | "cublas" | "persistent"
+FORWARD_IMPL = os.environ.get("TRITONIZE_LINEAR_ACT_FWD", "auto")  # "auto" | "triton" | "tma" | "cublas" | "persistent" | "cublaslt"
 # "auto": cuBLAS + element-wise epilogue from this much forward work (M*N*K per product, summed
 # over the products) up, the fused Triton forward below it. Session 1 put the line at 2^36, above
 # GPT-2's MLP at 8192 tokens (1.9e10), when a Triton launch cost 30-80 us of host time and one
@@ -126,14 +127,21 @@ CUBLAS_FWD_MIN_WORK = 2**30
 # against cuBLAS + the activation pass 96.5 (run 5), one launch instead of two; it is the only
 # single-product shape measured, so larger calls stay on cuBLAS.
 PERSISTENT_FWD_MAX_WORK = 2**35
+# Session 11: gelu_tanh and relu (one product, from CUBLAS_FWD_MIN_WORK up) take cuBLASLt's GEMM
+# with the bias + activation epilogue, which stores Z too (kernels/_cublaslt.py): GPT-2's MLP
+# forward 82.3 us against 92.7 for the persistent kernel (H100). Where cuBLASLt cannot take the
+# call (layout, library), the forward "auto" would otherwise choose runs.
+CUBLASLT_ACTIVATIONS = ("gelu_tanh", "relu")
 
 
-def _forward_impl(M: int, N: int, K: int, n_products: int) -> str:
+def _forward_impl(M: int, N: int, K: int, n_products: int, activation: str | None = None) -> str:
     if FORWARD_IMPL != "auto":
         return FORWARD_IMPL
     work = M * N * K * n_products
     if work < CUBLAS_FWD_MIN_WORK:
         return "triton"
+    if n_products == 1 and activation in CUBLASLT_ACTIVATIONS:
+        return "cublaslt"
     return "persistent" if n_products == 1 and work <= PERSISTENT_FWD_MAX_WORK else "cublas"
 
 
@@ -813,8 +821,15 @@ def linear_act_forward(x2, weight, bias, activation: str, store_pre: bool):
     """(y, pre) for 2-D x; pre is None unless store_pre. y and pre are contiguous (M, N)."""
     M, K = x2.shape
     N = weight.shape[0]
+    impl = _forward_impl(M, N, K, 1, activation)
+    with device_ctx(x2):
+        if impl == "cublaslt":
+            out = _cublaslt.linear_act_epilogue(x2, weight, bias, activation, store_pre)
+            if out is not None:
+                return out
+            # a layout, dtype or activation cuBLASLt's epilogue does not take (or no library)
+            impl = "persistent" if M * N * K <= PERSISTENT_FWD_MAX_WORK else "cublas"
     y = x2.new_empty((M, N))  # new_empty: ~1-2 us less host time than torch.empty(device=, dtype=)
-    impl = _forward_impl(M, N, K, 1)
     sb = bias.stride(0) if bias is not None else 0
     if impl == "persistent" and not _persistent_ok(x2, weight):
         impl = "cublas"  # strides, alignment or dtype TMA cannot take

@@ -89,6 +89,12 @@ def _library():
                         getattr(lib, fn).restype = ctypes.c_int
                     lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                                                ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
+                    vp = ctypes.c_void_p
+                    lib.cublasLtMatmulDescSetAttribute.argtypes = [vp, ctypes.c_int, vp, ctypes.c_size_t]
+                    lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [vp, ctypes.c_int, vp, ctypes.c_size_t]
+                    # handle, desc, alpha, A, Adesc, B, Bdesc, beta, C, Cdesc, D, Ddesc, algo, workspace,
+                    # its size, stream: every pointer passed as an int
+                    lib.cublasLtMatmul.argtypes = [vp] * 14 + [ctypes.c_size_t, vp]
                     _lib = lib
                 except (OSError, AttributeError, RuntimeError, TypeError):
                     _lib = False
@@ -106,10 +112,7 @@ def _set(setter, obj, attr: int, value):
 
 def _alignment(t: torch.Tensor) -> int:
     ptr = t.data_ptr()
-    a = 256
-    while a > 1 and ptr % a:
-        a //= 2
-    return a
+    return min(ptr & -ptr, 256) if ptr else 256  # the largest power of two dividing ptr, up to 256
 
 
 def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int):
@@ -154,7 +157,10 @@ def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int):
         a_l, b_l, d_l = layouts
         status = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a_l, b_l, d_l, d_l, pref, 1, ctypes.byref(result),
                                                     ctypes.byref(count))
-        plan = (desc, a_l, b_l, d_l, result, int(result.workspaceSize)) if status == 0 and count.value > 0 else False
+        # kept as plain ints (the call passes them straight through ctypes), the objects alongside
+        # so they stay alive
+        plan = ((handle.value, desc.value, a_l.value, b_l.value, d_l.value, ctypes.addressof(result.algo),
+                 int(result.workspaceSize)), (result, pref)) if status == 0 and count.value > 0 else False
     except RuntimeError:  # a status cuBLASLt refused: this problem keeps the caller's kernel
         plan = False
     _plans[key] = plan
@@ -191,26 +197,26 @@ def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation
     plan = _plan(lib, x2, weight, epilogue, M, N, K)
     if not plan:
         return None
-    desc, a_l, b_l, d_l, algo, ws = plan
+    (handle, desc, a_l, b_l, d_l, algo, ws), _ = plan
     y = x2.new_empty((M, N))
     z = x2.new_empty((M, N)) if store_pre else None
-    work = torch.empty(ws, dtype=torch.uint8, device=x2.device) if ws else None
-    sa = lib.cublasLtMatmulDescSetAttribute
-    with _lock:  # the descriptor carries this call's bias / aux pointers
+    work = torch.empty(ws, dtype=torch.uint8, device=x2.device) if ws else None  # held until enqueued
+    stream = _raw_stream(x2.device.index) if _raw_stream else torch.cuda.current_stream().cuda_stream
+    with _lock:  # the descriptor and _PTR carry this call's bias / aux pointers
         if store_pre:
-            _set(sa, desc, _DESC_AUX_POINTER, ctypes.c_void_p(z.data_ptr()))
+            _PTR.value = z.data_ptr()
+            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, _PTR_ADDR, 8)
         if bias is not None:
-            _set(sa, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-        status = lib.cublasLtMatmul(
-            _handles[x2.device.index], desc, ctypes.byref(_ONE), ctypes.c_void_p(weight.data_ptr()), a_l,
-            ctypes.c_void_p(x2.data_ptr()), b_l, ctypes.byref(_ZERO), ctypes.c_void_p(y.data_ptr()), d_l,
-            ctypes.c_void_p(y.data_ptr()), d_l, ctypes.byref(algo.algo),
-            ctypes.c_void_p(work.data_ptr() if work is not None else 0), ctypes.c_size_t(ws),
-            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-        )  # fmt: skip
+            _PTR.value = bias.data_ptr()
+            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_BIAS_POINTER, _PTR_ADDR, 8)
+        status = lib.cublasLtMatmul(handle, desc, _ONE_ADDR, weight.data_ptr(), a_l, x2.data_ptr(), b_l, _ZERO_ADDR,
+                                    y.data_ptr(), d_l, y.data_ptr(), d_l, algo, work.data_ptr() if ws else None, ws,
+                                    stream)
     if status != 0:
         return None
     return y, z
 
 
-_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
+_ONE, _ZERO, _PTR = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_uint64(0)
+_ONE_ADDR, _ZERO_ADDR, _PTR_ADDR = ctypes.addressof(_ONE), ctypes.addressof(_ZERO), ctypes.addressof(_PTR)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # an int, faster than a Stream object

@@ -88,10 +88,13 @@ def test_linear_act_backward_column_strips(device, monkeypatch):
 
 
 def test_linear_act_bias_grad_finished_in_kernel(device, monkeypatch):
-    """db is summed by each column strip's last program (ticket counters after the partial rows
-    in one zeroed buffer): right against the fp64 reference and bit-identical on a rerun, with
-    the partial rows added one per step and 16 per step (N=33: 3 strips x 2 row groups)."""
+    """db is summed by each column strip's last program (a ticket counter per strip): right
+    against the fp64 reference and bit-identical on a rerun, with the partial rows added one per
+    step and 16 per step (N=33: 3 strips x 2 row groups). The counters are kept across calls on
+    the default stream (CPU: always): each launch leaves them at zero for the next, through calls
+    of other shapes that reuse the same buffers."""
     monkeypatch.setattr(la, "_EW_BWD", {False: (4, 16, 1, 1), True: (4, 16, 1, 1)})
+    monkeypatch.setattr(la, "_DB_SCRATCH", {})
     for red_rows in (1, 16):
         monkeypatch.setattr(la, "_EW_RED_ROWS", red_rows)
         for dtype in dtypes_for(device):
@@ -103,6 +106,34 @@ def test_linear_act_bias_grad_finished_in_kernel(device, monkeypatch):
             _, (_, _, db1) = _grads(fn, [x, w, b], dy)
             _, (_, _, db2) = _grads(fn, [x, w, b], dy)
             assert torch.equal(db1, db2), "db differs between two identical calls"
+    if device == "cpu" or la._raw_stream(torch.device(device).index or 0) == 0:
+        (partials, counters), = la._DB_SCRATCH.values()
+        assert counters.numel() == 3 and not counters.any(), counters  # kept, and left at zero
+        # another shape through the same buffers (more strips: the counters grow, zeroed), then
+        # the first shape again: still right
+        for xs, n in [((9, 17), 72), ((37, 17), 33)]:
+            x, (w,), b = _make(xs, n, torch.float32, device)
+            dy = torch.randn(xs[0], n, device=device)
+            _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+                   [x, w, b], dy, ["x", "weight", "bias"], f"db with kept counters {xs} {n}")  # fmt: skip
+        (partials, counters), = la._DB_SCRATCH.values()
+        assert counters.numel() == 5 and not counters.any(), counters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams: GPU only")
+def test_bias_grad_on_a_side_stream():
+    """Off the default stream the db counters are a fresh zeroed buffer per call (not the kept
+    ones): right results on a side stream, and the kept buffers are not touched."""
+    la._DB_SCRATCH.clear()
+    x, (w,), b = _make((37, 24), 40, torch.float16, "cuda")
+    dy = torch.randn(37, 40, device="cuda").to(torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _check(lambda x, w, b: linear_act(x, w, b, "gelu_tanh"), lambda x, w, b: linear_act_reference(x, w, b, "gelu_tanh"),
+               [x, w, b], dy, ["x", "weight", "bias"], "db on a side stream")  # fmt: skip
+    torch.cuda.current_stream().wait_stream(s)
+    assert not la._DB_SCRATCH
 
 
 @pytest.mark.parametrize("shape_x,n", [((1, 17), 33), ((37, 17), 33)])

@@ -14,7 +14,7 @@ stored at ~3 TB/s), ~0.5% of that step.
 x is (..., K) with any strides; weights are (N, K) as `nn.Linear` stores them and are read
 transposed through their strides (never copied). Activations come from `_activations.ACTIVATIONS`.
 
-Forward, three implementations (`FORWARD_IMPL`, default "auto", chosen per call by size):
+Forward, four implementations (`FORWARD_IMPL`, default "auto", chosen per call by size):
   - fused Triton: one tiled GEMM (grouped program order, fp16/bf16 `tl.dot` into fp32
     accumulators) whose epilogue adds the bias and applies the activation in registers, so the
     pre-activation makes no round trip through memory; the gated kernel keeps two accumulators
@@ -41,9 +41,17 @@ Forward, three implementations (`FORWARD_IMPL`, default "auto", chosen per call 
     CUBLAS_FWD_MIN_WORK to PERSISTENT_FWD_MAX_WORK when x and W suit TMA (fp16/bf16, 16-byte
     aligned rows), so at GPT-2's shape Z again makes no round trip. Sweeps:
     docs/results/linear_act.md, session 10.
+  - cuBLASLt epilogue (session 11, "cublaslt", one gelu_tanh or relu product): cuBLASLt's GEMM
+    with the bias + activation epilogue, GELU's writing Z as its aux output (kernels/_cublaslt.py,
+    called through ctypes). GPT-2's forward 82.0-82.9 us against the persistent kernel's 92.7-93.3;
+    the fastest forward at every shape measured (docs/results/linear_act.md, session 11), so
+    "auto" takes it from CUBLAS_FWD_MIN_WORK up; where it cannot take the call (layout, library,
+    no algorithm) the forward "auto" would otherwise choose runs. Z again makes no round trip.
 
 Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in: the
-                                               last program of each column strip adds the partials)
+                                               last program of each column strip adds the partials;
+                                               its ticket counters are kept across calls on the
+                                               default stream: _db_scratch)
            dX = dZ @ W,   dW = dZ^T @ X,   db = sum_rows dZ      (dX, dW on cuBLAS)
   gated:   dG = dY * U * act'(G),  dU = dY * act(G)          (one Triton element-wise kernel)
            dX = dG @ Wg + dU @ Wu (one GEMM + one accumulating GEMM), dWg = dG^T X, dWu = dU^T X

@@ -54,7 +54,7 @@ class _Heuristic(ctypes.Structure):
 _lock = threading.Lock()
 _lib = None  # the ctypes library, False when it cannot be had
 _handles: dict = {}  # device index -> cublasLtHandle_t
-_plans: dict = {}  # shape/dtype/alignment key -> (desc, a_layout, b_layout, d_layout, algo, workspace bytes)
+_plans: dict = {}  # problem key -> ((handle, desc, A/B/D layouts, algo address, workspace bytes), owners) or False
 
 
 def _find_library():

@@ -757,7 +757,7 @@ _EW_BLOCK_M, _EW_BLOCK_N, _EW_WARPS = 32, 256, 8  # element-wise backward tiles:
 _EW_BWD = {False: (32, 128, 4, 8), True: (32, 128, 4, 4)}
 _EW_RED_ROWS = 16  # db's partial rows added per load by the strip's finishing program
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
+_raw_stream = _cublaslt._raw_stream  # the current stream as an int; None on CPU-only builds
 _DB_SCRATCH: dict = {}  # device index -> (fp32 partial sums, int32 ticket counters, all zero)
 
 

@@ -115,3 +115,30 @@ def test_package_kernels_launch_directly():
         y.backward(torch.ones_like(y))
     assert ln._layer_norm_fwd_kernel.hits >= 2 and ln._layer_norm_bwd_kernel.hits >= 2
     assert ln._layer_norm_fwd_kernel.fallbacks == {} and ln._layer_norm_bwd_kernel.fallbacks == {}
+
+
+@pytest.mark.parametrize("dev", _devices())
+@pytest.mark.parametrize("mode", ["1", "check"])
+def test_bound_launch(dev, mode, monkeypatch):
+    """BoundLaunch: the first call goes through FastKernel.launch and keeps its entry, later calls
+    with arguments specialised the same way launch directly with the same results; under `check`
+    an argument that specialises differently (a misaligned pointer) raises instead of running the
+    kernel compiled for aligned ones. Under the interpreter every call is Triton's own launch."""
+    monkeypatch.setattr(_launch, "_MODE", mode)
+    axpy = _launch.FastKernel(_axpy_kernel)
+    n = 1000
+    bound = axpy.bind((triton.cdiv(n, 64),), {"BLOCK": 64})
+    for rep in range(3):
+        x, y = torch.randn(n, device=dev), torch.randn(n, device=dev)
+        out = torch.empty(n, device=dev)
+        bound(x, y, out, n, 0.5, 1)
+        torch.testing.assert_close(out, 0.5 * x + y, msg=f"call {rep}")
+    if dev == "cuda":
+        assert bound.entry is not None and bound.entry == axpy.entry_for((x, y, out, n, 0.5, 1), {"BLOCK": 64})
+        assert axpy.hits >= 2 and axpy.fallbacks == {}
+        if mode == "check":
+            xb = torch.randn(n + 1, device=dev)
+            with pytest.raises(AssertionError, match="specialise differently"):
+                bound(xb[1:], y, out, n, 0.5, 1)
+    else:
+        assert bound.entry is None and axpy.hits == 0

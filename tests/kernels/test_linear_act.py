@@ -120,6 +120,44 @@ def test_linear_act_bias_grad_finished_in_kernel(device, monkeypatch):
         assert counters.numel() == 5 and not counters.any(), counters
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """Same values and strides as contiguous `t`, at an address that is not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16
+    return view
+
+
+def test_backward_fast_path_matches_general(device, monkeypatch):
+    """The eager backward's common case (contiguous, 16-byte aligned dY: _linear_act_bwd_fast, one
+    bound launch per problem) against the general launcher, which takes a row-padded dY and a dY
+    at an unaligned address: bit-identical gradients, for a saved Z (gelu_tanh, bias) and a saved
+    Y (relu, no bias, 3-D x; sigmoid with a bias), fast path counted; the fast path's own numerics
+    against the fp64 reference."""
+    monkeypatch.setattr(la, "_BWD_PLANS", {})
+    calls = []
+    fast = la._linear_act_bwd_fast
+    monkeypatch.setattr(la, "_linear_act_bwd_fast", lambda *a: calls.append(1) or fast(*a))
+    for act, shape_x, bias in (("gelu_tanh", (37, 17), True), ("relu", (2, 19, 17), False), ("sigmoid", (37, 17), True)):
+        for dtype in dtypes_for(device):
+            x, (w,), b = _make(shape_x, 40, dtype, device, bias=bias)
+            dy = torch.randn(*shape_x[:-1], 40, device=device).to(dtype)
+            fn = lambda x, w, b: linear_act(x, w, b, act)  # noqa: E731
+            calls.clear()
+            _check(fn, lambda x, w, b: linear_act_reference(x, w, b, act), [x, w, b], dy,
+                   ["x", "weight", "bias"][: 3 if bias else 2], f"fast path {act} {dtype}")  # fmt: skip
+            assert calls, f"{act} {dtype}: the contiguous dY did not take the fast path"
+            _, g_fast = _grads(fn, [x, w, b], dy)
+            for tag, other in (("row-padded dY", noncontig_rows(dy)), ("unaligned dY", _misaligned(dy))):
+                calls.clear()
+                _, g_gen = _grads(fn, [x, w, b], other)
+                assert not calls, f"{act} {dtype} {tag}: took the fast path"
+                for name, a, c in zip(["x", "weight", "bias"], g_fast, g_gen):
+                    assert torch.equal(a, c), f"{act} {dtype} {tag}: d{name} differs from the fast path's"
+    assert len(la._BWD_PLANS) == 3 * len(dtypes_for(device))  # one plan per (problem, dtype)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams: GPU only")
 def test_bias_grad_on_a_side_stream():
     """Off the default stream the db counters are a fresh zeroed buffer per call (not the kept

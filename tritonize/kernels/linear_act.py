@@ -1192,50 +1192,66 @@ def _linear_act_backward(ctx, dy, dpre):
 _linear_act_fwd_op.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
 
 
-# The eager backward's bound launches, one per problem: key (device, dtype, M, N, activation,
-# need_dx, need_dw, need_db) -> (BoundLaunch of the element-wise kernel, its grid's two dims).
+# The eager backward's common case, planned per problem: key (device, dtype, M, N, activation,
+# need_dx, need_dw, need_db) -> _BwdPlan (a BoundLaunch of the element-wise kernel and its grid).
 # Why: autograd runs a CUDA backward on its own device thread, where Python runs ~2x slower than
-# on the caller's (H100 host, GPT-2's MLP: the same backward launcher 59-81 us called directly,
-# ~100 us more inside autograd than a hand-bound one). The key pins every property the kernel is
-# specialised on, so from the second call the launch skips the per-call key of FastKernel.launch
-# and this function skips the general launcher's bookkeeping (device switch, configs, views).
+# on the caller's (H100 host, GPT-2's MLP: the general launcher 59-81 us called directly; a
+# hand-bound Function's whole fwd+bwd 97-111 us below ours, session 12 run 3). The forward looks
+# the plan up (on the caller's thread); the key pins every property the kernel is specialised on,
+# so the backward launches without FastKernel.launch's per-call key and without the general
+# launcher's bookkeeping (device switch, configs, views).
 _BWD_PLANS: dict = {}
 _cuda_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
-def _linear_act_bwd_fast(key, dy, x, weight, saved):
+class _BwdPlan:
+    __slots__ = ("launch", "dev", "dtype", "M", "N", "col_blocks", "groups", "need_dx", "need_dw", "need_db",
+                 "from_out", "cfg", "red_rows")  # fmt: skip
+
+
+def _bwd_plan(x, dtype, M: int, N: int, activation: str, need_dx: bool, need_dw: bool, need_db: bool) -> _BwdPlan:
+    dev = x.get_device()
+    key = (dev, dtype, M, N, activation, need_dx, need_dw, need_db)
+    cfg = _EW_BWD[need_db]
+    plan = _BWD_PLANS.get(key)
+    if plan is not None and plan.cfg is cfg and plan.red_rows == _EW_RED_ROWS:  # (tests switch the tiles)
+        return plan
+    bm, bn, warps, per_sm = cfg
+    plan = _BwdPlan()
+    plan.dev, plan.dtype, plan.M, plan.N = dev, dtype, M, N
+    plan.need_dx, plan.need_dw, plan.need_db = need_dx, need_dw, need_db
+    plan.from_out, plan.cfg, plan.red_rows = GRAD_FROM_OUTPUT[activation], cfg, _EW_RED_ROWS
+    plan.col_blocks = cdiv(N, bn)
+    plan.groups = max(1, min(cdiv(M, bm), cdiv(device_sms(x) * per_sm, plan.col_blocks)))
+    plan.launch = _linear_act_bwd_kernel.bind(
+        (plan.col_blocks, plan.groups),
+        dict(ACTIVATION=activation, GRAD_FROM_OUT=plan.from_out, HAS_BIAS=need_db, BLOCK_M=bm, BLOCK_N=bn,
+             RED_ROWS=_EW_RED_ROWS, num_warps=warps),
+    )  # fmt: skip
+    if len(_BWD_PLANS) >= 1024:  # many shapes (varying M): start over rather than grow without bound
+        _BWD_PLANS.clear()
+    _BWD_PLANS[key] = plan
+    return plan
+
+
+def _linear_act_bwd_fast(plan: _BwdPlan, dy, x, weight, saved):
     """(dx | None, dw | None, db | None) for the common backward: contiguous, 16-byte aligned dY of
     x's dtype, Z (or Y) saved by the forward (contiguous (M, N), dZ written over Z), x's device
     current. The general launcher (linear_act_backward) does the same math for every other case."""
-    plan = _BWD_PLANS.get(key)
-    _, _, M, N, activation, need_dx, need_dw, need_db = key
-    cfg = _EW_BWD[need_db]
-    if plan is None or plan[3] is not cfg or plan[4] != _EW_RED_ROWS:  # new, or the tiles were switched (tests)
-        bm, bn, warps, per_sm = cfg
-        col_blocks = cdiv(N, bn)
-        groups = max(1, min(cdiv(M, bm), cdiv(device_sms(x) * per_sm, col_blocks)))
-        launch = _linear_act_bwd_kernel.bind(
-            (col_blocks, groups),
-            dict(ACTIVATION=activation, GRAD_FROM_OUT=GRAD_FROM_OUTPUT[activation], HAS_BIAS=need_db, BLOCK_M=bm,
-                 BLOCK_N=bn, RED_ROWS=_EW_RED_ROWS, num_warps=warps),
-        )  # fmt: skip
-        if len(_BWD_PLANS) >= 1024:  # many shapes (varying M): start over rather than grow without bound
-            _BWD_PLANS.clear()
-        plan = _BWD_PLANS[key] = (launch, col_blocks, groups, cfg, _EW_RED_ROWS)
-    launch, col_blocks, groups, _, _ = plan
+    M, N = plan.M, plan.N
     x2 = x if x.dim() == 2 else _as_2d(x)
-    dz = dy.new_empty((M, N)) if GRAD_FROM_OUTPUT[activation] else saved  # Y is the caller's; Z is ours (2-D)
-    if need_db:
+    dz = dy.new_empty((M, N)) if plan.from_out else saved  # Y is the caller's; Z is ours (2-D)
+    if plan.need_db:
         db = dy.new_empty((N,))
-        dbp, cnt = _db_scratch(x2, groups * N, col_blocks)
-        launch(dy, saved, dz, db, dbp, cnt, M, N, N, 1, N)
+        dbp, cnt = _db_scratch(x2, plan.groups * N, plan.col_blocks)
+        plan.launch(dy, saved, dz, db, dbp, cnt, M, N, N, 1, N)
     else:
-        launch(dy, saved, dz, dz, dz, dz, M, N, N, 1, N)
+        plan.launch(dy, saved, dz, dz, dz, dz, M, N, N, 1, N)
         db = None
-    dx = torch.mm(dz, weight) if need_dx else None
+    dx = torch.mm(dz, weight) if plan.need_dx else None
     if dx is not None and x.dim() != 2:
         dx = dx.view(x.shape)
-    return dx, (torch.mm(dz.t(), x2) if need_dw else None), db
+    return dx, (torch.mm(dz.t(), x2) if plan.need_dw else None), db
 
 
 class _LinearActFn(torch.autograd.Function):
@@ -1243,8 +1259,8 @@ class _LinearActFn(torch.autograd.Function):
     (which cost several times the Python time of a plain autograd.Function per fwd+bwd). Saved
     Z stays 2-D and absent tensors are None (the custom ops need (..., N) views and empty
     placeholders; each is a torch call of a few us on the host). Non-tensor arguments come packed
-    in `opts` (see _common.fast_apply). The forward also picks the backward's key (ctx.fast), on
-    the caller's thread, so the backward's common case is _linear_act_bwd_fast."""
+    in `opts` (see _common.fast_apply). The forward also looks up the backward's plan (ctx.fast),
+    on the caller's thread, so the backward's common case is _linear_act_bwd_fast."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, opts):
@@ -1259,18 +1275,18 @@ class _LinearActFn(torch.autograd.Function):
         ctx.fast = None
         if (store_pre or from_out) and activation != "none":  # a saved Z (or Y) the kernel reads
             need = ctx.needs_input_grad
-            M, N = y.numel() // weight.shape[0], weight.shape[0]
-            ctx.fast = (x.get_device(), x.dtype, M, N, activation, need[0], need[1], bias is not None and need[2])
+            ctx.fast = _bwd_plan(x, x.dtype, x2.shape[0], weight.shape[0], activation, need[0], need[1],
+                                 bias is not None and need[2])  # fmt: skip
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, pre, out = ctx.saved_tensors
-        key = ctx.fast
-        if (key is not None and dy.dtype == x.dtype and dy.is_contiguous() and not dy.data_ptr() & 15
-                and (key[0] < 0 or _cuda_device() == key[0])):
-            dx, dw, db = _linear_act_bwd_fast(key, dy, x, weight, pre if pre is not None else out)
-            need_dx, need_dw, need_db = key[5], key[6], key[7]
+        plan = ctx.fast
+        if (plan is not None and dy.dtype == plan.dtype and dy.is_contiguous() and not dy.data_ptr() & 15
+                and (plan.dev < 0 or _cuda_device() == plan.dev)):
+            dx, dw, db = _linear_act_bwd_fast(plan, dy, x, weight, pre if pre is not None else out)
+            need_dx, need_dw, need_db = plan.need_dx, plan.need_dw, plan.need_db
         else:
             need = ctx.needs_input_grad
             need_dx, need_dw, need_db = need[0], need[1], ctx.has_bias and need[2]

@@ -1,0 +1,1 @@
+"""The compiler pass: capture -> normalize -> match -> rewrite -> run."""

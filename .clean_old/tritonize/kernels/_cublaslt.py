@@ -1,0 +1,223 @@
+"""cuBLASLt's GEMM with a bias + activation epilogue (GELU(tanh) or ReLU), GELU's optionally
+storing the pre-activation too.
+
+    y, z = linear_act_epilogue(x, weight, bias, "gelu_tanh", store_pre=True)
+           z = x @ weight^T + bias,  y = gelu_tanh(z)
+    y, _ = linear_act_epilogue(x, weight, bias, "relu", store_pre=False)     y = relu(z)
+
+Why: linear_act's forward at GPT-2's MLP shape (H100, bf16, 8192x768->3072) is a GEMM plus an
+epilogue that applies the activation and stores both Z (for the backward) and Y. Our Triton kernel
+with that epilogue (persistent, TMA, 156 configs swept) takes 93 us; cuBLAS's GEMM alone 61 us;
+triton 3.6 cannot overlap the epilogue of one tile with the main loop of the next the way cuBLAS's
+warp-specialised kernels do. cuBLASLt has exactly this epilogue (CUBLASLT_EPILOGUE_GELU_AUX_BIAS:
+the GELU input is written to an "aux" matrix next to the output; its GELU is the tanh form), but
+torch exposes it only without the aux output (torch._addmm_activation). So we call it through
+ctypes, on the cuBLASLt library torch itself has loaded: 82.3 us for that forward (H100, session
+11), against 92.7 for our persistent Triton kernel. ReLU needs no aux (its derivative comes from
+the output), nor does a forward without grad. Everything here is optional: where the
+library, the symbols or a suitable algorithm are missing, `available()` / the call return False /
+None and the caller keeps its Triton path.
+
+Layout: cuBLASLt is column-major. Row-major Y (M, N) is column-major Y^T (N x M, ld N), and
+Y^T = W X^T: A = W (column-major K x N, ld = W's row stride, op T), B = X (K x M, ld = x's row
+stride, op N), D = Y^T and aux = Z^T (N x M, ld N); the bias runs along D's rows (length N).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+# cublasLt.h enum values (stable across CUDA 11.x-13.x)
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_COMPUTE_32F = 68
+_OP_N, _OP_T = 0, 1
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
+_DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
+_EPILOGUE_BIAS_BIT = 4
+# (activation, store_pre) -> epilogue without bias; | _EPILOGUE_BIAS_BIT with one
+EPILOGUES = {("gelu_tanh", True): 160, ("gelu_tanh", False): 32, ("relu", False): 2}
+_PREF_MAX_WORKSPACE = 1
+_PREF_MIN_ALIGN = (5, 6, 7, 8)  # A, B, C, D bytes
+_WORKSPACE_MAX = 32 * 1024 * 1024
+
+_DTYPES = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_lock = threading.Lock()
+_lib = None  # the ctypes library, False when it cannot be had
+_handles: dict = {}  # device index -> cublasLtHandle_t
+_plans: dict = {}  # problem key -> ((handle, desc, A/B/D layouts, algo address, workspace bytes), owners) or False
+
+
+def _find_library():
+    """The libcublasLt torch has loaded (the same build torch's own GEMMs use), else the loader's."""
+    torch.cuda.current_blas_handle()  # makes sure torch's CUDA BLAS libraries are loaded
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libcublasLt.so" in line:
+                    return ctypes.CDLL(line.split()[-1])
+    except OSError:
+        pass
+    for name in ("libcublasLt.so", "libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                try:
+                    lib = _find_library()
+                    for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
+                               "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate",
+                               "cublasLtMatmulPreferenceSetAttribute", "cublasLtMatmulAlgoGetHeuristic",
+                               "cublasLtMatmul"):
+                        getattr(lib, fn).restype = ctypes.c_int
+                    lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+                                                               ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
+                    vp = ctypes.c_void_p
+                    lib.cublasLtMatmulDescSetAttribute.argtypes = [vp, ctypes.c_int, vp, ctypes.c_size_t]
+                    lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [vp, ctypes.c_int, vp, ctypes.c_size_t]
+                    # handle, desc, alpha, A, Adesc, B, Bdesc, beta, C, Cdesc, D, Ddesc, algo, workspace,
+                    # its size, stream: every pointer passed as an int
+                    lib.cublasLtMatmul.argtypes = [vp] * 14 + [ctypes.c_size_t, vp]
+                    _lib = lib
+                except (OSError, AttributeError, RuntimeError, TypeError):
+                    _lib = False
+    return _lib or None
+
+
+def _check(status: int, what: str):
+    if status != 0:
+        raise RuntimeError(f"cuBLASLt {what} returned status {status}")
+
+
+def _set(setter, obj, attr: int, value):
+    _check(setter(obj, attr, ctypes.byref(value), ctypes.sizeof(value)), f"attribute {attr}")
+
+
+def _alignment(t: torch.Tensor) -> int:
+    ptr = t.data_ptr()
+    return min(ptr & -ptr, 256) if ptr else 256  # the largest power of two dividing ptr, up to 256
+
+
+def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
+    dt = _DTYPES[x2.dtype]
+    # the inputs' addresses mod 256 stand for their alignment (the algorithm is chosen for it)
+    key = (dev, dt, M, N, K, x2.stride(0), weight.stride(0), epilogue, x2.data_ptr() & 255, weight.data_ptr() & 255)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    if len(_plans) >= 4096:  # many distinct shapes (varying M): start over rather than grow without bound
+        _plans.clear()
+    handle = _handles.get(dev)
+    if handle is None:
+        handle = ctypes.c_void_p()
+        if lib.cublasLtCreate(ctypes.byref(handle)) != 0:
+            _plans[key] = False
+            return False
+        _handles[dev] = handle
+    try:
+        desc = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _CUDA_R_32F), "desc")
+        sa = lib.cublasLtMatmulDescSetAttribute
+        _set(sa, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T))
+        _set(sa, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        _set(sa, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
+        if epilogue & 128:  # an aux output: Z^T, ld N
+            _set(sa, desc, _DESC_AUX_LD, ctypes.c_int64(N))
+        layouts = []
+        for rows, cols, ld in ((K, N, weight.stride(0)), (K, M, x2.stride(0)), (N, M, N)):
+            lay = ctypes.c_void_p()
+            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dt, rows, cols, ld), "layout")
+            layouts.append(lay)
+        pref = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
+        ps = lib.cublasLtMatmulPreferenceSetAttribute
+        _set(ps, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(_WORKSPACE_MAX))
+        # the outputs are fresh allocations (256-byte aligned); the inputs' real alignment, as torch does
+        for attr, a in zip(_PREF_MIN_ALIGN, (_alignment(weight), _alignment(x2), 256, 256)):
+            _set(ps, pref, attr, ctypes.c_uint32(a))
+        result = _Heuristic()
+        count = ctypes.c_int(0)
+        a_l, b_l, d_l = layouts
+        status = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a_l, b_l, d_l, d_l, pref, 1, ctypes.byref(result),
+                                                    ctypes.byref(count))
+        # kept as plain ints (the call passes them straight through ctypes), the objects alongside
+        # so they stay alive
+        plan = ((handle.value, desc.value, a_l.value, b_l.value, d_l.value, ctypes.addressof(result.algo),
+                 int(result.workspaceSize)), (result, pref)) if status == 0 and count.value > 0 else False
+    except RuntimeError:  # a status cuBLASLt refused: this problem keeps the caller's kernel
+        plan = False
+    _plans[key] = plan
+    return plan
+
+
+def supported(x2: torch.Tensor, weight: torch.Tensor, bias, activation: str, store_pre: bool) -> bool:
+    """The problems this path takes: an epilogue for (activation, store_pre), CUDA fp16/bf16, unit
+    inner strides, 16-byte aligned rows and N, a contiguous bias of the same dtype."""
+    if (activation, store_pre) not in EPILOGUES:
+        return False
+    if not (x2.is_cuda and x2.dtype in _DTYPES and weight.dtype == x2.dtype and x2.stride(1) == 1
+            and weight.stride(1) == 1):
+        return False
+    es = x2.element_size()
+    if (x2.stride(0) * es) % 16 or (weight.stride(0) * es) % 16 or (weight.shape[0] * es) % 16:
+        return False
+    return bias is None or (bias.dtype == x2.dtype and bias.stride(0) == 1 and bias.data_ptr() % 16 == 0)
+
+
+def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation: str, store_pre: bool):
+    """(y, z | None): y = act(x2 @ weight^T + bias), z the pre-activation when store_pre, both
+    (M, N) contiguous, from one cuBLASLt call. None where this path cannot take the problem (see
+    `supported`) or cuBLASLt / an algorithm for it is not available: the caller then runs its own
+    kernel. x2 must be on the current device."""
+    if not supported(x2, weight, bias, activation, store_pre):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    M, K = x2.shape
+    N = weight.shape[0]
+    epilogue = EPILOGUES[(activation, store_pre)] | (_EPILOGUE_BIAS_BIT if bias is not None else 0)
+    dev = x2.get_device()
+    plan = _plan(lib, x2, weight, epilogue, M, N, K, dev)
+    if not plan:
+        return None
+    (handle, desc, a_l, b_l, d_l, algo, ws), _ = plan
+    y = x2.new_empty((M, N))
+    z = x2.new_empty((M, N)) if store_pre else None
+    work = torch.empty(ws, dtype=torch.uint8, device=x2.device) if ws else None  # held until enqueued
+    stream = _raw_stream(dev) if _raw_stream else torch.cuda.current_stream().cuda_stream
+    with _lock:  # the descriptor and _PTR carry this call's bias / aux pointers
+        if store_pre:
+            _PTR.value = z.data_ptr()
+            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, _PTR_ADDR, 8)
+        if bias is not None:
+            _PTR.value = bias.data_ptr()
+            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_BIAS_POINTER, _PTR_ADDR, 8)
+        status = lib.cublasLtMatmul(handle, desc, _ONE_ADDR, weight.data_ptr(), a_l, x2.data_ptr(), b_l, _ZERO_ADDR,
+                                    y.data_ptr(), d_l, y.data_ptr(), d_l, algo, work.data_ptr() if ws else None, ws,
+                                    stream)
+    if status != 0:
+        return None
+    return y, z
+
+
+_ONE, _ZERO, _PTR = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_uint64(0)
+_ONE_ADDR, _ZERO_ADDR, _PTR_ADDR = ctypes.addressof(_ONE), ctypes.addressof(_ZERO), ctypes.addressof(_PTR)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # an int, faster than a Stream object

@@ -84,8 +84,9 @@ Python ran ~2x slower than on the caller's thread (H100 hosts: tritonize's fwd+b
 host time under the usual multithreaded autograd, 226-247 single-threaded; eager 245-293 /
 201-216; benchmarks/host_linear_act.py). So _LinearActFn's forward looks up a per-problem
 _BwdPlan (on the caller's thread) and the backward's common case (contiguous, aligned dY) is one
-bound launch (kernels/_launch.py BoundLaunch) and two torch.mm: GPT-2's fwd+bwd 97-111 us less
-host time than session 11's path. What is left is autograd's own cost for a Python node.
+bound launch (kernels/_launch.py BoundLaunch) and two torch.mm. GPT-2's fwd+bwd host time, in
+processes alternating on one host: 1.05-1.20x eager's, against 1.34-1.61x for session 11's path.
+What is left is autograd's own cost for a Python node (docs/benchmarks.md, session 12).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""The compiler pass: capture -> normalize -> match -> rewrite -> run."""

@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import host_probe_us, parser
+from benchmarks._common import Bench, parser
 
 
 def _host_us(fn, n: int, single_thread: bool):
@@ -133,22 +133,14 @@ def main(argv=None):
                 r = res.setdefault((name, single), ([], []))
                 r[0].append(sum(ts) / len(ts) * 1e6)
                 r[1].extend(t * 1e6 for t in ts)
-    lines = [
-        f"### host time per fwd+bwd, {M}x{K}->{N} bf16 gelu_tanh — {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}, host probe {host_probe_us():.2f} us/op",
-        "",
-        "| case | min of round means (us) | median of round means | p10 call | p50 call | p90 call |",
-        "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    bench = Bench("host_linear_act")
     for (name, single), (means, calls) in res.items():
         q = statistics.quantiles(calls, n=10)
-        label = name + (" [single-thread autograd]" if single else "")
-        lines.append(f"| {label} | {min(means):.1f} | {statistics.median(means):.1f} | {q[0]:.1f} | {q[4]:.1f} | {q[8]:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        autograd = "none" if "manual" in name else ("single-thread" if single else "multithreaded")
+        bench.row(case=name, autograd=autograd, shape=f"{M}x{K}->{N}", min_us=min(means),
+                  median_us=statistics.median(means), p10_call_us=q[0], p50_call_us=q[4], p90_call_us=q[8])  # fmt: skip
+    bench.table(["case", "autograd", "shape", "min_us", "median_us", "p10_call_us", "p50_call_us", "p90_call_us"],
+                title="host time per fwd+bwd, bf16 gelu_tanh (min / median of round means)", out=args.out)  # fmt: skip
     return 0
 
 

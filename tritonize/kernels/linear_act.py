@@ -80,9 +80,9 @@ which shows at small shapes. Under torch.compile / fake tensors / functorch the 
 ops are used, so graphs see one opaque op.
 
 Backward host path (session 12): autograd runs a CUDA backward on its device thread, where our
-Python ran ~2x slower than on the caller's thread (H100 hosts: tritonize's fwd+bwd 327-386 us of
+Python ran ~2x slower than on the caller's thread (H100 hosts: tritonize's fwd+bwd 305-386 us of
 host time under the usual multithreaded autograd, 226-247 single-threaded; eager 245-293 /
-201-216; benchmarks/host_linear_act.py). So _LinearActFn's forward looks up a per-problem
+189-216; benchmarks/host_linear_act.py). So _LinearActFn's forward looks up a per-problem
 _BwdPlan (on the caller's thread) and the backward's common case (contiguous, aligned dY) is one
 bound launch (kernels/_launch.py BoundLaunch) and two torch.mm. GPT-2's fwd+bwd host time, in
 processes alternating on one host: 1.05-1.20x eager's, against 1.34-1.61x for session 11's path.

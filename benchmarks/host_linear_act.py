@@ -75,7 +75,7 @@ def main(argv=None):
         print("host_linear_act: cuBLASLt's epilogue is not available here; the lean rows need it")
         return 0
     # the element-wise backward as the library binds it (ACTIVATION, tiles, grid)
-    plan = la._bwd_plan(xd, xd.dtype, M, N, "gelu_tanh", True, True, True)
+    plan = la._bwd_plan(xd, M, N, "gelu_tanh", True, True, True)
 
     def lean_bwd(x, w, z, dy):
         db = x.new_empty((N,))

@@ -766,6 +766,14 @@ _EW_BLOCK_M, _EW_BLOCK_N, _EW_WARPS = 32, 256, 8  # element-wise backward tiles:
 _EW_BWD = {False: (32, 128, 4, 8), True: (32, 128, 4, 4)}
 _EW_RED_ROWS = 16  # db's partial rows added per load by the strip's finishing program
 
+def _ew_bwd_grid(x2, M: int, N: int, cfg) -> tuple[int, int]:
+    """(column strips, row groups) of the element-wise backward's grid for tiles cfg = _EW_BWD[...]:
+    ~per_sm programs per SM over all column strips, never more row groups than row blocks."""
+    bm, bn, _, per_sm = cfg
+    col_blocks = cdiv(N, bn)
+    return col_blocks, max(1, min(cdiv(M, bm), cdiv(device_sms(x2) * per_sm, col_blocks)))
+
+
 _raw_stream = _cublaslt._raw_stream  # the current stream as an int; None on CPU-only builds
 _DB_SCRATCH: dict = {}  # device index -> (fp32 partial sums, int32 ticket counters, all zero)
 
@@ -966,10 +974,8 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
             from_out = GRAD_FROM_OUTPUT[activation]
             # Z is ours alone: overwrite it with dZ. Y belongs to the caller: new buffer.
             dz = torch.empty_like(saved2) if from_out else saved2
-            bm, bn, warps, per_sm = _EW_BWD[need_db]
-            col_blocks = cdiv(N, bn)
-            # row groups: ~per_sm programs per SM over all column blocks, never more than row blocks
-            groups = max(1, min(cdiv(M, bm), cdiv(device_sms(x2) * per_sm, col_blocks)))
+            bm, bn, warps, _ = _EW_BWD[need_db]
+            col_blocks, groups = _ew_bwd_grid(x2, M, N, _EW_BWD[need_db])
             if need_db:
                 db = x2.new_empty((N,))
                 dbp, cnt = _db_scratch(x2, groups * N, col_blocks)
@@ -1218,20 +1224,19 @@ class _BwdPlan:
                  "from_out", "cfg", "red_rows")  # fmt: skip
 
 
-def _bwd_plan(x, dtype, M: int, N: int, activation: str, need_dx: bool, need_dw: bool, need_db: bool) -> _BwdPlan:
-    dev = x.get_device()
+def _bwd_plan(x2, M: int, N: int, activation: str, need_dx: bool, need_dw: bool, need_db: bool) -> _BwdPlan:
+    dev, dtype = x2.get_device(), x2.dtype
     key = (dev, dtype, M, N, activation, need_dx, need_dw, need_db)
     cfg = _EW_BWD[need_db]
     plan = _BWD_PLANS.get(key)
     if plan is not None and plan.cfg is cfg and plan.red_rows == _EW_RED_ROWS:  # (tests switch the tiles)
         return plan
-    bm, bn, warps, per_sm = cfg
+    bm, bn, warps, _ = cfg
     plan = _BwdPlan()
     plan.dev, plan.dtype, plan.M, plan.N = dev, dtype, M, N
     plan.need_dx, plan.need_dw, plan.need_db = need_dx, need_dw, need_db
     plan.from_out, plan.cfg, plan.red_rows = GRAD_FROM_OUTPUT[activation], cfg, _EW_RED_ROWS
-    plan.col_blocks = cdiv(N, bn)
-    plan.groups = max(1, min(cdiv(M, bm), cdiv(device_sms(x) * per_sm, plan.col_blocks)))
+    plan.col_blocks, plan.groups = _ew_bwd_grid(x2, M, N, cfg)
     plan.launch = _linear_act_bwd_kernel.bind(
         (plan.col_blocks, plan.groups),
         dict(ACTIVATION=activation, GRAD_FROM_OUT=plan.from_out, HAS_BIAS=need_db, BLOCK_M=bm, BLOCK_N=bn,
@@ -1243,12 +1248,12 @@ def _bwd_plan(x, dtype, M: int, N: int, activation: str, need_dx: bool, need_dw:
     return plan
 
 
-def _linear_act_bwd_fast(plan: _BwdPlan, dy, x, weight, saved):
-    """(dx | None, dw | None, db | None) for the common backward: contiguous, 16-byte aligned dY of
-    x's dtype, Z (or Y) saved by the forward (contiguous (M, N), dZ written over Z), x's device
-    current. The general launcher (linear_act_backward) does the same math for every other case."""
+def _linear_act_bwd_fast(plan: _BwdPlan, dy, x2, weight, saved):
+    """(dx (M, K) | None, dw | None, db | None) for the common backward: contiguous, 16-byte aligned
+    dY of x's dtype, x2 the forward's 2-D x, Z (or Y) saved by the forward (contiguous (M, N), dZ
+    written over Z), x's device current. The general launcher (linear_act_backward) does the same
+    math for every other case."""
     M, N = plan.M, plan.N
-    x2 = x if x.dim() == 2 else _as_2d(x)
     dz = dy.new_empty((M, N)) if plan.from_out else saved  # Y is the caller's; Z is ours (2-D)
     if plan.need_db:
         db = dy.new_empty((N,))
@@ -1258,8 +1263,6 @@ def _linear_act_bwd_fast(plan: _BwdPlan, dy, x, weight, saved):
         plan.launch(dy, saved, dz, dz, dz, dz, M, N, N, 1, N)
         db = None
     dx = torch.mm(dz, weight) if plan.need_dx else None
-    if dx is not None and x.dim() != 2:
-        dx = dx.view(x.shape)
     return dx, (torch.mm(dz.t(), x2) if plan.need_dw else None), db
 
 
@@ -1278,28 +1281,34 @@ class _LinearActFn(torch.autograd.Function):
         store_pre = save_pre and not from_out
         x2 = x if x.dim() == 2 else _as_2d(x)
         y, pre = linear_act_forward(x2, weight, bias, activation, store_pre)
+        ctx.x_shape = None
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], weight.shape[0])
-        _linear_act_save(ctx, x, weight, bias, activation, y, pre)
+            ctx.x_shape = x.shape
+        # x2, not x: the backward needs the 2-D form (a view, or the copy made here when x's leading
+        # dims do not merge), so it is not made a second time on autograd's thread
+        _linear_act_save(ctx, x2, weight, bias, activation, y, pre)
         ctx.fast = None
         if (store_pre or from_out) and activation != "none":  # a saved Z (or Y) the kernel reads
             need = ctx.needs_input_grad
-            ctx.fast = _bwd_plan(x, x.dtype, x2.shape[0], weight.shape[0], activation, need[0], need[1],
+            ctx.fast = _bwd_plan(x2, x2.shape[0], weight.shape[0], activation, need[0], need[1],
                                  bias is not None and need[2])  # fmt: skip
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, pre, out = ctx.saved_tensors
+        x2, weight, bias, pre, out = ctx.saved_tensors
         plan = ctx.fast
         if (plan is not None and dy.dtype == plan.dtype and dy.is_contiguous() and not dy.data_ptr() & 15
                 and (plan.dev < 0 or _cuda_device() == plan.dev)):
-            dx, dw, db = _linear_act_bwd_fast(plan, dy, x, weight, pre if pre is not None else out)
+            dx, dw, db = _linear_act_bwd_fast(plan, dy, x2, weight, pre if pre is not None else out)
             need_dx, need_dw, need_db = plan.need_dx, plan.need_dw, plan.need_db
         else:
             need = ctx.needs_input_grad
             need_dx, need_dw, need_db = need[0], need[1], ctx.has_bias and need[2]
-            dx, dw, db = _linear_act_bwd_triton(dy, x, weight, bias, pre, out, ctx.activation, need_dx, need_dw, need_db)
+            dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, bias, pre, out, ctx.activation, need_dx, need_dw, need_db)
+        if dx is not None and ctx.x_shape is not None:
+            dx = dx.view(ctx.x_shape)
         if pre is not None:
             # dZ was written over the saved Z: bump its version as the custom op's declared mutation
             # does, so a second backward through this graph (retain_graph) errors instead of reusing dZ.

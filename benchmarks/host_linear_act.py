@@ -18,6 +18,12 @@ Rows:
   [single-thread autograd]  under torch.autograd.set_multithreading_enabled(False): the backward
                             runs on the caller's thread instead of autograd's device thread
 
+--segments adds a second table: tritonize's fwd+bwd split where the host time goes (median and
+min per call): the forward call, autograd.grad up to our backward's entry (the engine, the hand-off
+to its device thread), our backward's body, and its return up to autograd.grad's (the hand-off
+back); eager's forward and autograd.grad beside. Our backward is wrapped (not copied), so the
+split follows the code as shipped.
+
 Session 12 (H100 hosts, docs/results/linear_act.md): the kernels called manually cost eager's
 host time (85-97 us), but inside autograd tritonize's fwd+bwd cost ~100 us more than the lean
 Function: a CUDA backward runs on autograd's device thread, where Python ran ~2x slower than on
@@ -27,6 +33,7 @@ the caller's. That led to the backward's bound launch planned in the forward (li
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import time
 
@@ -55,6 +62,7 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--segments", action="store_true", help="also split tritonize's fwd+bwd into segments")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = 2
@@ -141,7 +149,71 @@ def main(argv=None):
                   median_us=statistics.median(means), p10_call_us=q[0], p50_call_us=q[4], p90_call_us=q[8])  # fmt: skip
     bench.table(["case", "autograd", "shape", "min_us", "median_us", "p10_call_us", "p50_call_us", "p90_call_us"],
                 title="host time per fwd+bwd, bf16 gelu_tanh (min / median of round means)", out=args.out)  # fmt: skip
+    if args.segments:
+        _segments(la, linear_act, x, w, b, dy, args)
     return 0
+
+
+def _segments(la, linear_act, x, w, b, dy, args):
+    """tritonize's fwd+bwd in four host segments (see the module docstring), eager's in two."""
+    ns = time.perf_counter_ns
+    marks: list = []
+    fn_cls = la._LinearActFn
+    shipped = fn_cls.backward
+
+    def stamped(ctx, *grads):
+        marks.append(ns())
+        out = shipped(ctx, *grads)
+        marks.append(ns())
+        return out
+
+    grads = (x, w, b)
+
+    def ours():
+        marks.append(ns())
+        y = linear_act(x, w, b, activation="gelu_tanh")
+        marks.append(ns())
+        torch.autograd.grad(y, grads, dy)
+        marks.append(ns())
+
+    def eager():
+        marks.append(ns())
+        y = F.gelu(F.linear(x, w, b), approximate="tanh")
+        marks.append(ns())
+        torch.autograd.grad(y, grads, dy)
+        marks.append(ns())
+
+    names = {5: ("forward", "grad -> backward entry", "backward body", "backward return -> grad return"),
+             3: ("forward", "autograd.grad")}  # fmt: skip
+    res: dict = {}
+    fn_cls.backward = staticmethod(stamped)
+    try:
+        for _ in range(args.rounds):
+            for case, fn in (("tritonize", ours), ("eager", eager)):
+                for single in (False, True):
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                    torch.cuda._sleep(int(1_400_000 * 30))  # the GPU kept busy: no call waits for it
+                    with torch.autograd.set_multithreading_enabled(not single):
+                        for _ in range(30):
+                            marks.clear()
+                            fn()
+                            if case == "tritonize" and len(marks) != 5:
+                                raise RuntimeError("segments: tritonize's backward did not run through _LinearActFn")
+                            for seg, t0, t1 in zip(names[len(marks)], marks, marks[1:]):
+                                res.setdefault((case, single, seg), []).append((t1 - t0) / 1e3)
+                            res.setdefault((case, single, "total"), []).append((marks[-1] - marks[0]) / 1e3)
+                    torch.cuda.synchronize()
+    finally:
+        fn_cls.backward = shipped
+    bench = Bench("host_linear_act_segments")
+    for (case, single, seg), us in res.items():
+        bench.row(case=case, autograd="single-thread" if single else "multithreaded", segment=seg,
+                  median_us=statistics.median(us), min_us=min(us))  # fmt: skip
+    out = f"{os.path.splitext(args.out)[0]}_segments.md" if args.out else None
+    bench.table(["case", "autograd", "segment", "median_us", "min_us"],
+                title="host time per fwd+bwd by segment (per call, GPU kept busy)", out=out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -121,8 +121,8 @@ from tritonize.kernels._activations import (
 # device_ctx: a torch.cuda.device context only when x is not on the current device (~10 us otherwise)
 from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2
 from tritonize.kernels._common import (
-    _FUNCTION_BASE_APPLY, FLOAT_DTYPES, INTERPRET, check_arg, device_sms, eager_fast_path, fast_apply, tuning_candidates,
-    check_same_device, check_tensor, use_triton,
+    FLOAT_DTYPES, INTERPRET, check_arg, device_sms, eager_fast_path, fast_apply, tuning_candidates, check_same_device,
+    check_tensor, use_triton,
 )  # fmt: skip
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
@@ -1286,13 +1286,8 @@ class _LinearActFn(torch.autograd.Function):
             y = y.view(*x.shape[:-1], weight.shape[0])
             ctx.x_shape = x.shape
         # x2, not x: the backward needs the 2-D form (a view, or the copy made here when x's leading
-        # dims do not merge), so it is not made a second time on autograd's thread. The bias only
-        # where the backward reads it (Z recomputed: neither Z nor Y saved); a saved tensor is
-        # packed here and unpacked on autograd's thread.
-        ctx.activation = activation
-        ctx.has_bias = bias is not None
-        out = y if from_out and activation != "none" else None
-        ctx.save_for_backward(x2, weight, bias if pre is None and out is None else None, pre, out)
+        # dims do not merge), so it is not made a second time on autograd's thread
+        _linear_act_save(ctx, x2, weight, bias, activation, y, pre)
         ctx.fast = None
         if (store_pre or from_out) and activation != "none":  # a saved Z (or Y) the kernel reads
             need = ctx.needs_input_grad
@@ -1321,7 +1316,7 @@ class _LinearActFn(torch.autograd.Function):
         return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None
 
 
-_linear_act_c_apply = _FUNCTION_BASE_APPLY.__get__(None, _LinearActFn)  # callers have checked eager_fast_path
+_linear_act_fn = fast_apply(_LinearActFn)
 
 
 def _gated_linear_fwd_impl(x, w_gate, w_up, activation: str, save: bool):
@@ -1649,20 +1644,6 @@ def _check_linear(op: str, x, weights: dict, bias=None):
     _check_linear_detailed(op, x, weights, bias)
 
 
-def _check_linear1(op: str, x, weight, bias):
-    """_check_linear for one weight, without building a dict (linear_act's every call)."""
-    T = torch.Tensor
-    if (isinstance(x, T) and isinstance(weight, T) and x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype
-            and x.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == x.shape[-1]):
-        dev, cuda = x.get_device(), x.is_cuda
-        if (weight.get_device() == dev and weight.is_cuda == cuda and (dev >= 0 or weight.device == x.device) and (
-                bias is None
-                or (isinstance(bias, T) and bias.dtype == x.dtype and bias.get_device() == dev and bias.is_cuda == cuda
-                    and (dev >= 0 or bias.device == x.device) and bias.dim() == 1 and bias.shape[0] == weight.shape[0]))):
-            return
-    _check_linear_detailed(op, x, {"weight": weight}, bias)
-
-
 def _check_linear_detailed(op: str, x, weights: dict, bias=None):
     check_tensor(op, "x", x)
     for name, w in weights.items():
@@ -1690,12 +1671,8 @@ def _check_linear_detailed(op: str, x, weights: dict, bias=None):
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu"):
     """act(x @ weight^T + bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
-    # The valid call's checks in a few attribute reads (this runs every step; on the H100 hosts
-    # each Python call costs ~1 us: session 13 measured this wrapper at ~0.1x of a whole fwd+bwd's
-    # host time); anything off goes to the detailed checks, which raise.
-    if activation.__class__ is not str or activation not in ACTIVATIONS:
-        check_activation("linear_act", activation)
-    _check_linear1("linear_act", x, weight, bias)
+    check_activation("linear_act", activation)
+    _check_linear("linear_act", x, {"weight": weight}, bias)
     if x.numel() == 0 or weight.numel() == 0:
         return linear_act_reference(x, weight, bias, activation)  # nothing to launch
     # Inference (no grad needed): the epilogue skips storing Z, one M*N write less.
@@ -1706,8 +1683,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if not needs_grad:  # no autograd node to build
             y, _ = linear_act_forward(_as_2d(x), weight, bias, activation, False)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-        # eager_fast_path has checked for functorch transforms: the C apply directly
-        return _linear_act_c_apply(x, weight, bias, (activation, SAVE_PRE))
+        return _linear_act_fn(x, weight, bias, (activation, SAVE_PRE))
     y, _ = torch.ops.tritonize.linear_act_fwd(x, weight, bias, activation, SAVE_PRE and needs_grad)
     return y
 

@@ -86,7 +86,10 @@ host time under the usual multithreaded autograd, 226-247 single-threaded; eager
 _BwdPlan (on the caller's thread) and the backward's common case (contiguous, aligned dY) is one
 bound launch (kernels/_launch.py BoundLaunch) and two torch.mm. GPT-2's fwd+bwd host time, in
 processes alternating on one host: 1.05-1.20x eager's, against 1.34-1.61x for session 11's path.
-What is left is autograd's own cost for a Python node (docs/benchmarks.md, session 12).
+What is left is in the forward (session 13, one process, interleaved): a bare autograd.Function
+with these kernels issues a fwd+bwd in eager's host time, linear_act in 1.16x of it — ~10 points
+in the public wrapper's checks and dispatch, ~6 in _LinearActFn.forward; the backward is as lean
+as the bare one (docs/benchmarks.md, session 13).
 """
 
 from __future__ import annotations
@@ -974,8 +977,9 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
             from_out = GRAD_FROM_OUTPUT[activation]
             # Z is ours alone: overwrite it with dZ. Y belongs to the caller: new buffer.
             dz = torch.empty_like(saved2) if from_out else saved2
-            bm, bn, warps, _ = _EW_BWD[need_db]
-            col_blocks, groups = _ew_bwd_grid(x2, M, N, _EW_BWD[need_db])
+            cfg = _EW_BWD[need_db]
+            bm, bn, warps, _ = cfg
+            col_blocks, groups = _ew_bwd_grid(x2, M, N, cfg)
             if need_db:
                 db = x2.new_empty((N,))
                 dbp, cnt = _db_scratch(x2, groups * N, col_blocks)

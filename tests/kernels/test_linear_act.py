@@ -379,6 +379,31 @@ def test_cublaslt_epilogue_cuda(monkeypatch):
     assert err_tanh * 3 < err_erf, (err_tanh, err_erf)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt: GPU only")
+def test_cublaslt_pointers_follow_each_call():
+    """The epilogue's plan (descriptor) is kept per problem, so each call's bias / aux (Z) pointers
+    must reach it however the descriptor is updated (every call, or only on a change): calls
+    alternating two biases, and Z buffers the allocator reuses or not (the previous Z kept alive or
+    freed), each get their own bias and their own Z."""
+    lt = importlib.import_module("tritonize.kernels._cublaslt")
+    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(48, 32, device="cuda", dtype=torch.bfloat16) / 4
+    biases = [torch.randn(48, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    kept = []
+    for i in range(6):
+        b = biases[i % 2]
+        y, z = lt.linear_act_epilogue(x, w, b, "gelu_tanh", True)
+        ref_z = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        torch.testing.assert_close(z.float(), ref_z, atol=3e-2, rtol=2e-2, msg=f"call {i}: Z")
+        torch.testing.assert_close(y.float(), torch.nn.functional.gelu(ref_z, approximate="tanh"), atol=3e-2, rtol=2e-2,
+                                   msg=f"call {i}: Y")  # fmt: skip
+        if i < 3:
+            kept.append(z)  # the next call's Z cannot take this block
+        y2, _ = lt.linear_act_epilogue(x, w, None, "relu", False)  # another plan between them
+        torch.testing.assert_close(y2.float(), torch.relu(x.float() @ w.float().t()), atol=3e-2, rtol=2e-2)
+    assert len({z.data_ptr() for z in kept}) == 3
+
+
 def test_strided_and_expanded_bias(device, monkeypatch):
     """A bias that is a strided view (every other element of a longer vector) or expanded from one
     element (stride 0) is read through its stride by every forward (fused Triton, TMA,

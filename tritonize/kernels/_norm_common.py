@@ -546,9 +546,14 @@ def device_ctx(t: torch.Tensor):
     real share of a row-wise op's launch path; it is entered only when t is not on the current
     device (the usual case needs none). A reusable nullcontext otherwise.
     """
-    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+    if t.is_cuda and t.get_device() != _current_device():
         return torch.cuda.device(t.device)
     return _NO_SWITCH
+
+
+# torch.cuda.current_device() less its Python layer (a lazy-init check: a CUDA tensor exists, so
+# CUDA is initialised); the Python function on builds without the C one
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 # Per-kernel launch overrides, {(kind, BLOCK_N): (ROWS, num_warps)} with kind in "ln_fwd",

@@ -89,7 +89,11 @@ processes alternating on one host: 1.05-1.20x eager's, against 1.34-1.61x for se
 What is left is in the forward (session 13, one process, interleaved): a bare autograd.Function
 with these kernels issues a fwd+bwd in eager's host time, linear_act in 1.16x of it — ~10 points
 in the public wrapper's checks and dispatch, ~6 in _LinearActFn.forward; the backward is as lean
-as the bare one (docs/benchmarks.md, session 13).
+as the bare one (docs/benchmarks.md, session 13). Session 14 (no GPU lent) measured that Python on
+a CPU with the launches stubbed (benchmarks/host_python_linear_act.py): 12.2-13.0 us per fwd+bwd
+above the bare Function before, 6.6-7.2 after the trims here (the C apply straight after
+eager_fast_path; a one-weight check reading each attribute once; three saved tensors and the
+plan's flags in the common backward; use_triton without building t.device, a CPU-only ~3.5 us).
 """
 
 from __future__ import annotations
@@ -124,8 +128,8 @@ from tritonize.kernels._activations import (
 # device_ctx: a torch.cuda.device context only when x is not on the current device (~10 us otherwise)
 from tritonize.kernels._norm_common import cdiv, device_ctx, next_pow2
 from tritonize.kernels._common import (
-    FLOAT_DTYPES, INTERPRET, check_arg, device_sms, eager_fast_path, fast_apply, tuning_candidates, check_same_device,
-    check_tensor, use_triton,
+    _FUNCTION_BASE_APPLY, FLOAT_DTYPES, INTERPRET, check_arg, device_sms, eager_fast_path, fast_apply, tuning_candidates,
+    check_same_device, check_tensor, use_triton,
 )  # fmt: skip
 
 # Design switches (read at every call, so the benchmark can flip them for its ablation). The
@@ -1225,7 +1229,7 @@ _cuda_device = getattr(torch._C, "_cuda_getDevice", None)
 
 class _BwdPlan:
     __slots__ = ("launch", "dev", "dtype", "M", "N", "col_blocks", "groups", "need_dx", "need_dw", "need_db",
-                 "from_out", "cfg", "red_rows")  # fmt: skip
+                 "from_out", "cfg", "red_rows", "activation")  # fmt: skip
 
 
 def _bwd_plan(x2, M: int, N: int, activation: str, need_dx: bool, need_dw: bool, need_db: bool) -> _BwdPlan:
@@ -1240,6 +1244,7 @@ def _bwd_plan(x2, M: int, N: int, activation: str, need_dx: bool, need_dw: bool,
     plan.dev, plan.dtype, plan.M, plan.N = dev, dtype, M, N
     plan.need_dx, plan.need_dw, plan.need_db = need_dx, need_dw, need_db
     plan.from_out, plan.cfg, plan.red_rows = GRAD_FROM_OUTPUT[activation], cfg, _EW_RED_ROWS
+    plan.activation = activation
     plan.col_blocks, plan.groups = _ew_bwd_grid(x2, M, N, cfg)
     plan.launch = _linear_act_bwd_kernel.bind(
         (plan.col_blocks, plan.groups),
@@ -1283,44 +1288,63 @@ class _LinearActFn(torch.autograd.Function):
         activation, save_pre = opts
         from_out = GRAD_FROM_OUTPUT[activation]
         store_pre = save_pre and not from_out
-        x2 = x if x.dim() == 2 else _as_2d(x)
+        nd = x.dim()
+        x2 = x if nd == 2 else _as_2d(x)
         y, pre = linear_act_forward(x2, weight, bias, activation, store_pre)
         ctx.x_shape = None
-        if x.dim() != 2:
+        if nd != 2:
             y = y.view(*x.shape[:-1], weight.shape[0])
             ctx.x_shape = x.shape
         # x2, not x: the backward needs the 2-D form (a view, or the copy made here when x's leading
-        # dims do not merge), so it is not made a second time on autograd's thread
-        _linear_act_save(ctx, x2, weight, bias, activation, y, pre)
-        ctx.fast = None
-        if (store_pre or from_out) and activation != "none":  # a saved Z (or Y) the kernel reads
+        # dims do not merge), so it is not made a second time on autograd's thread.
+        if (store_pre or from_out) and activation != "none":
+            # The common case: the kernel reads a saved Z (or Y). Three saved tensors and the
+            # backward's plan (each saved tensor is packed here and unpacked on autograd's thread).
             need = ctx.needs_input_grad
             ctx.fast = _bwd_plan(x2, x2.shape[0], weight.shape[0], activation, need[0], need[1],
                                  bias is not None and need[2])  # fmt: skip
+            ctx.save_for_backward(x2, weight, y if from_out else pre)
+            return y
+        # Z recomputed (SAVE_PRE off) or no activation: the bias only where the backward reads it
+        ctx.fast = None
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, weight, bias if pre is None else None, pre)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, bias, pre, out = ctx.saved_tensors
         plan = ctx.fast
-        if (plan is not None and dy.dtype == plan.dtype and dy.is_contiguous() and not dy.data_ptr() & 15
-                and (plan.dev < 0 or _cuda_device() == plan.dev)):
-            dx, dw, db = _linear_act_bwd_fast(plan, dy, x2, weight, pre if pre is not None else out)
-            need_dx, need_dw, need_db = plan.need_dx, plan.need_dw, plan.need_db
+        if plan is not None:
+            x2, weight, saved = ctx.saved_tensors
+            if (dy.dtype == plan.dtype and dy.is_contiguous() and not dy.data_ptr() & 15
+                    and (plan.dev < 0 or _cuda_device() == plan.dev)):
+                dx, dw, db = _linear_act_bwd_fast(plan, dy, x2, weight, saved)
+            else:  # strided / misaligned dY (or another device current): the general launcher
+                pre, out = (None, saved) if plan.from_out else (saved, None)
+                dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, None, pre, out, plan.activation,
+                                                    plan.need_dx, plan.need_dw, plan.need_db)  # fmt: skip
+                dx, dw = (dx if plan.need_dx else None), (dw if plan.need_dw else None)
+                db = db if plan.need_db else None
+            if not plan.from_out:
+                # dZ was written over the saved Z: bump its version as the custom op's declared
+                # mutation does, so a second backward through this graph (retain_graph) errors
+                # instead of reusing dZ.
+                torch.autograd.graph.increment_version(saved)
         else:
+            x2, weight, bias, pre = ctx.saved_tensors
             need = ctx.needs_input_grad
             need_dx, need_dw, need_db = need[0], need[1], ctx.has_bias and need[2]
-            dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, bias, pre, out, ctx.activation, need_dx, need_dw, need_db)
+            dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, bias, pre, None, ctx.activation, need_dx, need_dw, need_db)
+            dx, dw, db = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
+            if pre is not None:
+                torch.autograd.graph.increment_version(pre)
         if dx is not None and ctx.x_shape is not None:
             dx = dx.view(ctx.x_shape)
-        if pre is not None:
-            # dZ was written over the saved Z: bump its version as the custom op's declared mutation
-            # does, so a second backward through this graph (retain_graph) errors instead of reusing dZ.
-            torch.autograd.graph.increment_version(pre)
-        return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None
+        return dx, dw, db, None
 
 
-_linear_act_fn = fast_apply(_LinearActFn)
+_linear_act_c_apply = _FUNCTION_BASE_APPLY.__get__(None, _LinearActFn)  # callers have checked eager_fast_path
 
 
 def _gated_linear_fwd_impl(x, w_gate, w_up, activation: str, save: bool):
@@ -1648,6 +1672,29 @@ def _check_linear(op: str, x, weights: dict, bias=None):
     _check_linear_detailed(op, x, weights, bias)
 
 
+def _check_linear1(op: str, x, weight, bias):
+    """_check_linear for one weight, without building a dict (linear_act's every call). Reads each
+    attribute once: dtypes compared by identity (they are singletons), devices by index and the
+    is_cuda / is_cpu flags; device objects (~0.3 us each) are built only off CUDA and CPU, where
+    the index does not name the device."""
+    try:
+        dt = x.dtype
+        if dt in FLOAT_DTYPES and weight.dtype is dt and weight.dim() == 2 and x.dim() >= 1:
+            dev, ws = x.get_device(), weight.shape
+            if ws[1] == x.shape[-1] and weight.get_device() == dev and (
+                    bias is None or (bias.dtype is dt and bias.get_device() == dev and bias.dim() == 1
+                                     and bias.shape[0] == ws[0])):  # fmt: skip
+                if dev >= 0:
+                    if x.is_cuda and weight.is_cuda and (bias is None or bias.is_cuda):
+                        return
+                elif (x.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu)) or (
+                        weight.device == x.device and (bias is None or bias.device == x.device)):
+                    return
+    except AttributeError:  # not a tensor: the detailed checks say which argument
+        pass
+    _check_linear_detailed(op, x, {"weight": weight}, bias)
+
+
 def _check_linear_detailed(op: str, x, weights: dict, bias=None):
     check_tensor(op, "x", x)
     for name, w in weights.items():
@@ -1675,8 +1722,12 @@ def _check_linear_detailed(op: str, x, weights: dict, bias=None):
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu"):
     """act(x @ weight^T + bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
-    check_activation("linear_act", activation)
-    _check_linear("linear_act", x, {"weight": weight}, bias)
+    # The valid call's checks in a few attribute reads (this runs every step; on the H100 hosts
+    # each Python call costs ~1 us: session 13 measured this wrapper at ~0.1x of a whole fwd+bwd's
+    # host time); anything off goes to the detailed checks, which raise.
+    if activation.__class__ is not str or activation not in ACTIVATIONS:
+        check_activation("linear_act", activation)
+    _check_linear1("linear_act", x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
         return linear_act_reference(x, weight, bias, activation)  # nothing to launch
     # Inference (no grad needed): the epilogue skips storing Z, one M*N write less.
@@ -1687,7 +1738,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if not needs_grad:  # no autograd node to build
             y, _ = linear_act_forward(_as_2d(x), weight, bias, activation, False)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-        return _linear_act_fn(x, weight, bias, (activation, SAVE_PRE))
+        # eager_fast_path has checked for functorch transforms: the C apply directly
+        return _linear_act_c_apply(x, weight, bias, (activation, SAVE_PRE))
     y, _ = torch.ops.tritonize.linear_act_fwd(x, weight, bias, activation, SAVE_PRE and needs_grad)
     return y
 

@@ -54,7 +54,7 @@ class _Heuristic(ctypes.Structure):
 _lock = threading.Lock()
 _lib = None  # the ctypes library, False when it cannot be had
 _handles: dict = {}  # device index -> cublasLtHandle_t
-_plans: dict = {}  # problem key -> ((handle, desc, A/B/D layouts, algo address, workspace bytes), owners) or False
+_plans: dict = {}  # problem key (see linear_act_epilogue) -> _Plan, or False where this path cannot take it
 
 
 def _find_library():
@@ -115,22 +115,22 @@ def _alignment(t: torch.Tensor) -> int:
     return min(ptr & -ptr, 256) if ptr else 256  # the largest power of two dividing ptr, up to 256
 
 
+class _Plan:
+    """One problem's cuBLASLt objects, as plain ints for the call (the ctypes objects in `keep`, so
+    they stay alive), and the bias / aux pointers last written into its descriptor."""
+
+    __slots__ = ("handle", "desc", "a_l", "b_l", "d_l", "algo", "ws", "keep", "aux_ptr", "bias_ptr")
+
+
 def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
-    dt = _DTYPES[x2.dtype]
-    # the inputs' addresses mod 256 stand for their alignment (the algorithm is chosen for it)
-    key = (dev, dt, M, N, K, x2.stride(0), weight.stride(0), epilogue, x2.data_ptr() & 255, weight.data_ptr() & 255)
-    plan = _plans.get(key)
-    if plan is not None:
-        return plan
-    if len(_plans) >= 4096:  # many distinct shapes (varying M): start over rather than grow without bound
-        _plans.clear()
+    """A _Plan for the problem, or False where cuBLASLt has no algorithm for it (or refused a step)."""
     handle = _handles.get(dev)
     if handle is None:
         handle = ctypes.c_void_p()
         if lib.cublasLtCreate(ctypes.byref(handle)) != 0:
-            _plans[key] = False
             return False
         _handles[dev] = handle
+    dt = _DTYPES[x2.dtype]
     try:
         desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _CUDA_R_32F), "desc")
@@ -157,13 +157,14 @@ def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
         a_l, b_l, d_l = layouts
         status = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a_l, b_l, d_l, d_l, pref, 1, ctypes.byref(result),
                                                     ctypes.byref(count))
-        # kept as plain ints (the call passes them straight through ctypes), the objects alongside
-        # so they stay alive
-        plan = ((handle.value, desc.value, a_l.value, b_l.value, d_l.value, ctypes.addressof(result.algo),
-                 int(result.workspaceSize)), (result, pref)) if status == 0 and count.value > 0 else False
     except RuntimeError:  # a status cuBLASLt refused: this problem keeps the caller's kernel
-        plan = False
-    _plans[key] = plan
+        return False
+    if status != 0 or count.value <= 0:
+        return False
+    plan = _Plan()
+    plan.handle, plan.desc, plan.a_l, plan.b_l, plan.d_l = handle.value, desc.value, a_l.value, b_l.value, d_l.value
+    plan.algo, plan.ws, plan.keep = ctypes.addressof(result.algo), int(result.workspaceSize), (result, pref)
+    plan.aux_ptr = plan.bias_ptr = None  # nothing written yet
     return plan
 
 
@@ -202,37 +203,63 @@ def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation
     """(y, z | None): y = act(x2 @ weight^T + bias), z the pre-activation when store_pre, both
     (M, N) contiguous, from one cuBLASLt call. None where this path cannot take the problem (see
     `supported`) or cuBLASLt / an algorithm for it is not available: the caller then runs its own
-    kernel. x2 must be on the current device."""
-    if not supported(x2, weight, bias, activation, store_pre):
+    kernel. x2 must be on the current device.
+
+    Host path (this runs every step): one key holds every property `supported` and the algorithm
+    depend on (device, dtypes, shapes, strides, the inputs' alignment, the bias's), so a problem
+    seen before costs one dict lookup, not the checks; the descriptor's bias / aux pointers are
+    written only when they differ from the last call's (a parameter's bias never moves; the
+    caching allocator often hands Z the same block). H100 host, session 13: the call cost 37-55 us
+    (median), of which cublasLtMatmul itself 15-18, the two outputs' new_empty ~12, the two pointer
+    writes 3.4-4.8, and the checks and lookups most of the rest."""
+    epilogue = EPILOGUES.get((activation, store_pre))
+    if epilogue is None or not x2.is_cuda:
         return None
-    lib = _library()
-    if lib is None:
-        return None
+    dev = x2.get_device()
     M, K = x2.shape
     N = weight.shape[0]
-    epilogue = EPILOGUES[(activation, store_pre)] | (_EPILOGUE_BIAS_BIT if bias is not None else 0)
-    dev = x2.get_device()
-    plan = _plan(lib, x2, weight, epilogue, M, N, K, dev)
+    if bias is not None:
+        epilogue |= _EPILOGUE_BIAS_BIT
+        bias_key = (bias.dtype, bias.stride(0), bias.dim(), bias.data_ptr() & 15)
+    else:
+        bias_key = None
+    key = (dev, x2.dtype, weight.dtype, M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+           epilogue, x2.data_ptr() & 255, weight.data_ptr() & 255, bias_key)  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+        lib = _library() if supported(x2, weight, bias, activation, store_pre) else None
+        plan = _plan(lib, x2, weight, epilogue, M, N, K, dev) if lib is not None else False
+        if len(_plans) >= 4096:  # many distinct shapes (varying M): start over rather than grow without bound
+            _plans.clear()
+        _plans[key] = plan
     if not plan:
         return None
-    (handle, desc, a_l, b_l, d_l, algo, ws), _ = plan
     y = x2.new_empty((M, N))
     z = x2.new_empty((M, N)) if store_pre else None
     stream = _raw_stream(dev) if _raw_stream else torch.cuda.current_stream().cuda_stream
+    ws = plan.ws
     work = _workspace(x2, dev, ws, stream) if ws else None  # held until enqueued
-    with _lock:  # the descriptor and _PTR carry this call's bias / aux pointers
-        if store_pre:
-            _PTR.value = z.data_ptr()
-            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_AUX_POINTER, _PTR_ADDR, 8)
-        if bias is not None:
-            _PTR.value = bias.data_ptr()
-            lib.cublasLtMatmulDescSetAttribute(desc, _DESC_BIAS_POINTER, _PTR_ADDR, 8)
-        status = lib.cublasLtMatmul(handle, desc, _ONE_ADDR, weight.data_ptr(), a_l, x2.data_ptr(), b_l, _ZERO_ADDR,
-                                    y.data_ptr(), d_l, y.data_ptr(), d_l, algo, work.data_ptr() if ws else None, ws,
-                                    stream)
-    if status != 0:
+    lib = _lib
+    with _lock:  # the descriptor carries this call's bias / aux pointers
+        status = 0
+        if store_pre and z.data_ptr() != plan.aux_ptr:
+            status = _set_pointer(lib, plan, _DESC_AUX_POINTER, z.data_ptr())
+            plan.aux_ptr = z.data_ptr() if status == 0 else None
+        if bias is not None and status == 0 and bias.data_ptr() != plan.bias_ptr:
+            status = _set_pointer(lib, plan, _DESC_BIAS_POINTER, bias.data_ptr())
+            plan.bias_ptr = bias.data_ptr() if status == 0 else None
+        if status == 0:
+            status = lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, weight.data_ptr(), plan.a_l, x2.data_ptr(),
+                                        plan.b_l, _ZERO_ADDR, y.data_ptr(), plan.d_l, y.data_ptr(), plan.d_l, plan.algo,
+                                        work.data_ptr() if ws else None, ws, stream)  # fmt: skip
+    if status != 0:  # a status cuBLASLt refused: the caller runs its own kernel
         return None
     return y, z
+
+
+def _set_pointer(lib, plan: _Plan, attr: int, ptr: int) -> int:
+    _PTR.value = ptr
+    return lib.cublasLtMatmulDescSetAttribute(plan.desc, attr, _PTR_ADDR, 8)
 
 
 _ONE, _ZERO, _PTR = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_uint64(0)

@@ -43,6 +43,34 @@ import torch.nn.functional as F
 from benchmarks._common import Bench, parser
 
 
+def lean_function(la, lt, plan, activation: str):
+    """(Lean, lean_bwd): a bare autograd.Function doing linear_act's work with its kernels — the
+    cuBLASLt forward (`lt.linear_act_epilogue`, looked up at each call so a caller may stub it),
+    the element-wise backward on `plan`'s bound launch, two torch.mm. The floor for a Python
+    Function doing this work (also used by host_python_linear_act, with the launches stubbed)."""
+    M, N = plan.M, plan.N
+
+    def lean_bwd(x, w, z, dy):
+        db = x.new_empty((N,))
+        dbp, cnt = la._db_scratch(x, plan.groups * N, plan.col_blocks)
+        plan.launch(dy, z, z, db, dbp, cnt, M, N, N, 1, N)
+        return torch.mm(z, w), torch.mm(z.t(), x), db
+
+    class Lean(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            y, z = lt.linear_act_epilogue(x, w, b, activation, True)
+            ctx.save_for_backward(x, w, z)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w, z = ctx.saved_tensors
+            return lean_bwd(x, w, z, dy)
+
+    return Lean, lean_bwd
+
+
 def _host_us(fn, n: int, single_thread: bool):
     for _ in range(2):
         fn()
@@ -85,23 +113,7 @@ def main(argv=None):
     # the element-wise backward as the library binds it (ACTIVATION, tiles, grid)
     plan = la._bwd_plan(xd, M, N, "gelu_tanh", True, True, True)
 
-    def lean_bwd(x, w, z, dy):
-        db = x.new_empty((N,))
-        dbp, cnt = la._db_scratch(x, plan.groups * N, plan.col_blocks)
-        plan.launch(dy, z, z, db, dbp, cnt, M, N, N, 1, N)
-        return torch.mm(z, w), torch.mm(z.t(), x), db
-
-    class Lean(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, w, b):
-            y, z = lt.linear_act_epilogue(x, w, b, "gelu_tanh", True)
-            ctx.save_for_backward(x, w, z)
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, w, z = ctx.saved_tensors
-            return lean_bwd(x, w, z, dy)
+    Lean, lean_bwd = lean_function(la, lt, plan, "gelu_tanh")
 
     class Floor(Lean):
         @staticmethod

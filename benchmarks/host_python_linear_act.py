@@ -32,6 +32,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the Triton pa
 import torch  # noqa: E402
 
 from benchmarks._common import Bench, parser  # noqa: E402
+from benchmarks.host_linear_act import lean_function  # noqa: E402
 
 
 def _per_call_us(fn, n: int) -> float:
@@ -73,24 +74,7 @@ def main(argv=None):
     plan = la._bwd_plan(x.detach(), M, N, act, True, True, True)
     real_launch, plan.launch = plan.launch, (lambda *a: None)
     try:
-        def lean_bwd(x, w, z, dy):
-            db = x.new_empty((N,))
-            dbp, cnt = la._db_scratch(x, plan.groups * N, plan.col_blocks)
-            plan.launch(dy, z, z, db, dbp, cnt, M, N, N, 1, N)
-            return torch.mm(z, w), torch.mm(z.t(), x), db
-
-        class Lean(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, w, b):
-                y, z = lt.linear_act_epilogue(x, w, b, act, True)
-                ctx.save_for_backward(x, w, z)
-                return y
-
-            @staticmethod
-            def backward(ctx, dy):
-                x, w, z = ctx.saved_tensors
-                return lean_bwd(x, w, z, dy)
-
+        Lean, _ = lean_function(la, lt, plan, act)  # the bare Function host_linear_act times on the GPU
         c_apply = common._FUNCTION_BASE_APPLY.__get__(None, la._LinearActFn)
         grads = (x, w, b)
         xd, wd, bd = x.detach(), w.detach(), b.detach()

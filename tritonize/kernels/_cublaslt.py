@@ -240,17 +240,22 @@ def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation
     ws = plan.ws
     work = _workspace(x2, dev, ws, stream) if ws else None  # held until enqueued
     lib = _lib
+    y_ptr = y.data_ptr()
     with _lock:  # the descriptor carries this call's bias / aux pointers
         status = 0
-        if store_pre and z.data_ptr() != plan.aux_ptr:
-            status = _set_pointer(lib, plan, _DESC_AUX_POINTER, z.data_ptr())
-            plan.aux_ptr = z.data_ptr() if status == 0 else None
-        if bias is not None and status == 0 and bias.data_ptr() != plan.bias_ptr:
-            status = _set_pointer(lib, plan, _DESC_BIAS_POINTER, bias.data_ptr())
-            plan.bias_ptr = bias.data_ptr() if status == 0 else None
+        if store_pre:
+            z_ptr = z.data_ptr()
+            if z_ptr != plan.aux_ptr:
+                status = _set_pointer(lib, plan, _DESC_AUX_POINTER, z_ptr)
+                plan.aux_ptr = z_ptr if status == 0 else None
+        if bias is not None and status == 0:
+            b_ptr = bias.data_ptr()
+            if b_ptr != plan.bias_ptr:
+                status = _set_pointer(lib, plan, _DESC_BIAS_POINTER, b_ptr)
+                plan.bias_ptr = b_ptr if status == 0 else None
         if status == 0:
             status = lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, weight.data_ptr(), plan.a_l, x2.data_ptr(),
-                                        plan.b_l, _ZERO_ADDR, y.data_ptr(), plan.d_l, y.data_ptr(), plan.d_l, plan.algo,
+                                        plan.b_l, _ZERO_ADDR, y_ptr, plan.d_l, y_ptr, plan.d_l, plan.algo,
                                         work.data_ptr() if ws else None, ws, stream)  # fmt: skip
     if status != 0:  # a status cuBLASLt refused: the caller runs its own kernel
         return None

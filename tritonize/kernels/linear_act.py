@@ -1325,8 +1325,6 @@ class _LinearActFn(torch.autograd.Function):
                 pre, out = (None, saved) if plan.from_out else (saved, None)
                 dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, None, pre, out, plan.activation,
                                                     plan.need_dx, plan.need_dw, plan.need_db)  # fmt: skip
-                dx, dw = (dx if plan.need_dx else None), (dw if plan.need_dw else None)
-                db = db if plan.need_db else None
             if not plan.from_out:
                 # dZ was written over the saved Z: bump its version as the custom op's declared
                 # mutation does, so a second backward through this graph (retain_graph) errors
@@ -1336,8 +1334,8 @@ class _LinearActFn(torch.autograd.Function):
             x2, weight, bias, pre = ctx.saved_tensors
             need = ctx.needs_input_grad
             need_dx, need_dw, need_db = need[0], need[1], ctx.has_bias and need[2]
+            # (None for each gradient not asked for)
             dx, dw, db = _linear_act_bwd_triton(dy, x2, weight, bias, pre, None, ctx.activation, need_dx, need_dw, need_db)
-            dx, dw, db = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
             if pre is not None:
                 torch.autograd.graph.increment_version(pre)
         if dx is not None and ctx.x_shape is not None:

@@ -23,7 +23,8 @@ Rows per shape:
                    for small calls; from 2^30 of work cuBLASLt's bias+activation epilogue for one
                    gelu_tanh / relu product (GPT-2's), the persistent fused forward for other
                    mid-size single products, cuBLAS + element-wise for large and gated ones;
-                   dZ kernel + cuBLAS bwd)
+                   dZ kernel + cuBLAS bwd; GEMMs from 2^35 of work and the cuBLASLt epilogue
+                   run the algorithm timed once per problem among cuBLASLt's candidates)
   matmul_only      the same GEMMs on cuBLAS with no activation at all: the shape's own ceiling
 ablation rows (the two design choices in tritonize/kernels/linear_act.py):
   tritonize_recompute   SAVE_PRE=False: Z recomputed in backward by the GEMM (GPT-2 shape)
@@ -32,6 +33,9 @@ ablation rows (the two design choices in tritonize/kernels/linear_act.py):
   tritonize_tma         FORWARD_IMPL="tma": the Triton forward with TMA-descriptor tile loads
   tritonize_persistent_fwd  FORWARD_IMPL="persistent": the persistent fused Triton forward (the
                         default for GPT-2's shape before cuBLASLt's epilogue took it, session 11)
+  tritonize_torch_mm    (gated shapes) TUNED_MM_MIN_WORK off: the GEMMs on torch.mm, i.e. cuBLAS's
+                        heuristic pick, not the pick timed per problem (session 15); what the
+                        fusion alone gives
 fwd_bwd_ms: end to end (triton's do_bench: median of ~100 ms of calls, L2 cleared before each
 call; a call whose CPU time exceeds the GPU's is measured by the host), the FASTEST of --rounds
 interleaved rounds (each implementation timed once per round, in turn); fwd_bwd_median and
@@ -201,6 +205,8 @@ def main(argv=None):
             runs.append(("tritonize_tma", impls["tritonize"], {"FORWARD_IMPL": "tma"}))
             if not gated:
                 runs.append(("tritonize_persistent_fwd", impls["tritonize"], {"FORWARD_IMPL": "persistent"}))
+            else:  # the large GEMMs on torch.mm (the heuristic's first pick) instead of the timed cuBLASLt pick
+                runs.append(("tritonize_torch_mm", impls["tritonize"], {"TUNED_MM_MIN_WORK": 1 << 62}))
         ref_out, measured = {}, {}  # impl -> (base, row, fwd_bwd, switches)
         for impl, fn, switches in runs:
             base = dict(op="gated_linear" if gated else "linear_act", impl=impl, shape=shape, model=name, act=act)

@@ -18,6 +18,15 @@ the output), nor does a forward without grad. Everything here is optional: where
 library, the symbols or a suitable algorithm are missing, `available()` / the call return False /
 None and the caller keeps its Triton path.
 
+Second use (session 15): `matmul(a, b)`, a plain GEMM through the same library whose algorithm is
+chosen by timing cuBLASLt's heuristic candidates once per problem (`_tune`), for the large GEMMs
+of gated_linear / gated_mlp. torch.mm runs the heuristic's first pick; on the H100 another of its
+candidates was 5-12% faster for x W^T at all three bench shapes and for dW = dG^T X at Llama-8B
+(benchmarks/probe_cublaslt_algos.py; docs/notes/linear_act.md). The epilogue call above is tuned
+the same way. Tuning is skipped (the first pick kept) while a CUDA graph is being captured, under
+torch.use_deterministic_algorithms (so that two processes run the same algorithm), and with
+TRITONIZE_CUBLASLT_TUNE=0.
+
 Layout: cuBLASLt is column-major. Row-major Y (M, N) is column-major Y^T (N x M, ld N), and
 Y^T = W X^T: A = W (column-major K x N, ld = W's row stride, op T), B = X (K x M, ld = x's row
 stride, op N), D = Y^T and aux = Z^T (N x M, ld N); the bias runs along D's rows (length N).
@@ -26,6 +35,8 @@ stride, op N), D = Y^T and aux = Z^T (N x M, ld N); the bias runs along D's rows
 from __future__ import annotations
 
 import ctypes
+import os
+import statistics
 import threading
 
 import torch
@@ -42,6 +53,14 @@ EPILOGUES = {("gelu_tanh", True): 160, ("gelu_tanh", False): 32, ("relu", False)
 _PREF_MAX_WORKSPACE = 1
 _PREF_MIN_ALIGN = (5, 6, 7, 8)  # A, B, C, D bytes
 _WORKSPACE_MAX = 32 * 1024 * 1024
+_ALGO_SPLITK_NUM = 2  # cublasLtMatmulAlgoConfigAttributes_t
+_CANDIDATES = 8  # heuristic results asked for (cuBLASLt 13 returns at most 8 for these problems)
+TUNE = os.environ.get("TRITONIZE_CUBLASLT_TUNE", "1") != "0"
+# Timing per problem, once: rounds x reps calls of every candidate, interleaved by round (the GPU's
+# clock drifts with its power draw: measured 1.18-1.51 ms for the same GEMM within a second); the
+# median round decides, and another candidate replaces the first pick only when that is at least
+# TUNE_MARGIN faster (a 2% "win" is within what the first pick varies by between rounds).
+TUNE_ROUNDS, TUNE_REPS, TUNE_MARGIN = 5, 2, 0.98
 
 _DTYPES = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
 
@@ -85,7 +104,7 @@ def _library():
                     for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
                                "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate",
                                "cublasLtMatmulPreferenceSetAttribute", "cublasLtMatmulAlgoGetHeuristic",
-                               "cublasLtMatmul"):
+                               "cublasLtMatmul", "cublasLtMatmulAlgoConfigGetAttribute"):
                         getattr(lib, fn).restype = ctypes.c_int
                     lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                                                ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
@@ -117,31 +136,44 @@ def _alignment(t: torch.Tensor) -> int:
 
 class _Plan:
     """One problem's cuBLASLt objects, as plain ints for the call (the ctypes objects in `keep`, so
-    they stay alive), and the bias / aux pointers last written into its descriptor."""
+    they stay alive), the bias / aux pointers last written into its descriptor, and, until the
+    problem has been timed, the candidate algorithms [(algo address, workspace bytes), ...] (None
+    once tuned)."""
 
-    __slots__ = ("handle", "desc", "a_l", "b_l", "d_l", "algo", "ws", "keep", "aux_ptr", "bias_ptr")
+    __slots__ = ("handle", "desc", "a_l", "b_l", "d_l", "algo", "ws", "keep", "aux_ptr", "bias_ptr", "cands")
 
 
-def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
-    """A _Plan for the problem, or False where cuBLASLt has no algorithm for it (or refused a step)."""
+def _handle(lib, dev: int):
     handle = _handles.get(dev)
     if handle is None:
         handle = ctypes.c_void_p()
         if lib.cublasLtCreate(ctypes.byref(handle)) != 0:
-            return False
+            return None
         _handles[dev] = handle
-    dt = _DTYPES[x2.dtype]
+    return handle
+
+
+def _make_plan(lib, dev: int, dtype, op_a: int, lay_a, op_b: int, lay_b, n_rows: int, n_cols: int, epilogue: int,
+               aligns) -> "_Plan | bool":
+    """A _Plan for D (n_rows x n_cols, column-major, ld n_rows) = op_a(A) op_b(B) with the given
+    epilogue, A / B laid out as (rows, cols, ld); aligns: the A, B, C, D pointers' alignment in
+    bytes. False where cuBLASLt has no algorithm for it (or refused a step)."""
+    handle = _handle(lib, dev)
+    if handle is None:
+        return False
+    dt = _DTYPES[dtype]
     try:
         desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _CUDA_R_32F), "desc")
         sa = lib.cublasLtMatmulDescSetAttribute
-        _set(sa, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T))
-        _set(sa, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
-        _set(sa, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-        if epilogue & 128:  # an aux output: Z^T, ld N
-            _set(sa, desc, _DESC_AUX_LD, ctypes.c_int64(N))
+        _set(sa, desc, _DESC_TRANSA, ctypes.c_int32(op_a))
+        _set(sa, desc, _DESC_TRANSB, ctypes.c_int32(op_b))
+        if epilogue != 1:  # 1: CUBLASLT_EPILOGUE_DEFAULT
+            _set(sa, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
+        if epilogue & 128:  # an aux output: as D, ld n_rows
+            _set(sa, desc, _DESC_AUX_LD, ctypes.c_int64(n_rows))
         layouts = []
-        for rows, cols, ld in ((K, N, weight.stride(0)), (K, M, x2.stride(0)), (N, M, N)):
+        for rows, cols, ld in (lay_a, lay_b, (n_rows, n_cols, n_rows)):
             lay = ctypes.c_void_p()
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dt, rows, cols, ld), "layout")
             layouts.append(lay)
@@ -149,23 +181,68 @@ def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
         ps = lib.cublasLtMatmulPreferenceSetAttribute
         _set(ps, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(_WORKSPACE_MAX))
-        # the outputs are fresh allocations (256-byte aligned); the inputs' real alignment, as torch does
-        for attr, a in zip(_PREF_MIN_ALIGN, (_alignment(weight), _alignment(x2), 256, 256)):
+        for attr, a in zip(_PREF_MIN_ALIGN, aligns):
             _set(ps, pref, attr, ctypes.c_uint32(a))
-        result = _Heuristic()
+        results = (_Heuristic * _CANDIDATES)()
         count = ctypes.c_int(0)
         a_l, b_l, d_l = layouts
-        status = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a_l, b_l, d_l, d_l, pref, 1, ctypes.byref(result),
+        status = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a_l, b_l, d_l, d_l, pref, _CANDIDATES, results,
                                                     ctypes.byref(count))
     except RuntimeError:  # a status cuBLASLt refused: this problem keeps the caller's kernel
         return False
-    if status != 0 or count.value <= 0:
+    if status != 0 or count.value <= 0 or results[0].state != 0:
         return False
     plan = _Plan()
     plan.handle, plan.desc, plan.a_l, plan.b_l, plan.d_l = handle.value, desc.value, a_l.value, b_l.value, d_l.value
-    plan.algo, plan.ws, plan.keep = ctypes.addressof(result.algo), int(result.workspaceSize), (result, pref)
+    cands = [(ctypes.addressof(r.algo), int(r.workspaceSize)) for r in results[: count.value] if r.state == 0]
+    plan.algo, plan.ws = cands[0]  # the heuristic's first pick (torch's): kept unless timing finds better
+    plan.keep = (results, pref, count.value)  # count: how many of results are filled
     plan.aux_ptr = plan.bias_ptr = None  # nothing written yet
+    plan.cands = cands if len(cands) > 1 else None
     return plan
+
+
+def _plan(lib, x2, weight, epilogue: int, M: int, N: int, K: int, dev: int):
+    """The epilogue call's plan: Y^T (N x M) = W X^T, A = W (op T), B = X (op N)."""
+    return _make_plan(lib, dev, x2.dtype, _OP_T, (K, N, weight.stride(0)), _OP_N, (K, M, x2.stride(0)), N, M,
+                      epilogue, (_alignment(weight), _alignment(x2), 256, 256))  # fmt: skip
+
+
+def _may_tune() -> bool:
+    return TUNE and not torch.are_deterministic_algorithms_enabled() and not torch.cuda.is_current_stream_capturing()
+
+
+def _tune(plan: _Plan, call, x2: torch.Tensor, dev: int, stream: int) -> None:
+    """Time plan.cands (call(algo, workspace pointer, workspace bytes) -> status launches one) and keep
+    the fastest in plan.algo / plan.ws (see TUNE_MARGIN). Runs once per problem, on the caller's
+    stream, inside the caller's lock; the outputs it writes are written again by the real call."""
+    cands = plan.cands
+    work = _workspace(x2, dev, max(ws for _, ws in cands), stream)
+    ptr = work.data_ptr()
+    times = [[] for _ in cands]
+    alive = [True] * len(cands)
+    events = []
+    for _ in range(TUNE_ROUNDS):
+        for i, (algo, ws) in enumerate(cands):
+            if not alive[i]:
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(TUNE_REPS):
+                if call(algo, ptr if ws else None, ws) != 0:
+                    alive[i] = False  # a candidate that refuses this problem is dropped
+            end.record()
+            events.append((i, start, end))
+    end.synchronize()
+    for i, start, end in events:
+        times[i].append(start.elapsed_time(end))
+    med = [statistics.median(t) if alive[i] else float("inf") for i, t in enumerate(times)]
+    best = min(range(len(cands)), key=med.__getitem__)
+    if alive[0] and med[best] >= med[0] * TUNE_MARGIN:
+        best = 0
+    if alive[best]:
+        plan.algo, plan.ws = cands[best]
+    plan.cands = None
 
 
 def supported(x2: torch.Tensor, weight: torch.Tensor, bias, activation: str, store_pre: bool) -> bool:
@@ -253,6 +330,13 @@ def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation
             if b_ptr != plan.bias_ptr:
                 status = _set_pointer(lib, plan, _DESC_BIAS_POINTER, b_ptr)
                 plan.bias_ptr = b_ptr if status == 0 else None
+        if status == 0 and plan.cands is not None and _may_tune():
+            w_ptr, x_ptr = weight.data_ptr(), x2.data_ptr()
+            _tune(plan, lambda algo, wp, wsz: lib.cublasLtMatmul(
+                plan.handle, plan.desc, _ONE_ADDR, w_ptr, plan.a_l, x_ptr, plan.b_l, _ZERO_ADDR, y_ptr, plan.d_l,
+                y_ptr, plan.d_l, algo, wp, wsz, stream), x2, dev, stream)  # fmt: skip
+            ws = plan.ws
+            work = _workspace(x2, dev, ws, stream) if ws else None
         if status == 0:
             status = lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, weight.data_ptr(), plan.a_l, x2.data_ptr(),
                                         plan.b_l, _ZERO_ADDR, y_ptr, plan.d_l, y_ptr, plan.d_l, plan.algo,
@@ -260,6 +344,71 @@ def linear_act_epilogue(x2: torch.Tensor, weight: torch.Tensor, bias, activation
     if status != 0:  # a status cuBLASLt refused: the caller runs its own kernel
         return None
     return y, z
+
+
+def _operand(t: torch.Tensor, rows: int, cols: int):
+    """(op, (rows, cols, ld)) of a row-major (rows x cols) operand t as cuBLASLt sees it (column-major):
+    unit column stride -> its transpose as is (op N, cols x rows); unit row stride -> op T. None
+    where neither stride suits (or the leading dimension is not 16-byte aligned). A single row
+    (or column) has no meaningful stride along it (torch reports 1 for (16, 1).t()): its leading
+    dimension is then any aligned value >= the other extent."""
+    s0, s1 = t.stride()
+    es = t.element_size()
+    if s1 == 1 or cols == 1:
+        ld = s0 if rows > 1 else -(-cols * es // 16) * 16 // es
+        if ld >= max(cols, 1) and (ld * es) % 16 == 0:
+            return _OP_N, (cols, rows, ld)
+    if s0 == 1 or rows == 1:
+        ld = s1 if cols > 1 else -(-rows * es // 16) * 16 // es
+        if ld >= max(rows, 1) and (ld * es) % 16 == 0:
+            return _OP_T, (rows, cols, ld)
+    return None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor):
+    """a (M, K) @ b (K, N) as a new contiguous (M, N) tensor, through cuBLASLt with the algorithm
+    timed per problem (see the module docstring), or None where this path does not take the problem
+    (the caller runs torch.mm): CUDA fp16/bf16 on the current device, each operand with one unit
+    stride and 16-byte aligned rows, N * element size a multiple of 16.
+
+    Column-major, C^T (N x M) = b^T a^T: A = b, B = a."""
+    if not (a.is_cuda and a.dtype in _DTYPES and b.dtype is a.dtype and b.is_cuda):
+        return None
+    M, K = a.shape
+    N = b.shape[1]
+    dev = a.get_device()
+    key = (dev, a.dtype, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), a.data_ptr() & 255,
+           b.data_ptr() & 255)  # fmt: skip
+    plan = _mm_plans.get(key)
+    if plan is None:
+        opa, opb = _operand(b, K, N), _operand(a, M, K)
+        lib = _library() if (opa and opb and (N * a.element_size()) % 16 == 0 and b.get_device() == dev
+                             and M and N and K) else None  # fmt: skip
+        plan = (_make_plan(lib, dev, a.dtype, opa[0], opa[1], opb[0], opb[1], N, M, 1,
+                           (_alignment(b), _alignment(a), 256, 256)) if lib is not None else False)  # fmt: skip
+        if len(_mm_plans) >= 4096:
+            _mm_plans.clear()
+        _mm_plans[key] = plan
+    if not plan:
+        return None
+    c = a.new_empty((M, N))
+    stream = _raw_stream(dev) if _raw_stream else torch.cuda.current_stream().cuda_stream
+    lib = _lib
+    a_ptr, b_ptr, c_ptr = a.data_ptr(), b.data_ptr(), c.data_ptr()
+    with _lock:
+        if plan.cands is not None and _may_tune():
+            _tune(plan, lambda algo, wp, wsz: lib.cublasLtMatmul(
+                plan.handle, plan.desc, _ONE_ADDR, b_ptr, plan.a_l, a_ptr, plan.b_l, _ZERO_ADDR, c_ptr, plan.d_l,
+                c_ptr, plan.d_l, algo, wp, wsz, stream), a, dev, stream)  # fmt: skip
+        ws = plan.ws
+        work = _workspace(a, dev, ws, stream) if ws else None  # held until enqueued
+        status = lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, b_ptr, plan.a_l, a_ptr, plan.b_l, _ZERO_ADDR,
+                                    c_ptr, plan.d_l, c_ptr, plan.d_l, plan.algo, work.data_ptr() if ws else None, ws,
+                                    stream)  # fmt: skip
+    return c if status == 0 else None
+
+
+_mm_plans: dict = {}  # matmul's problem key -> _Plan, or False
 
 
 def _set_pointer(lib, plan: _Plan, attr: int, ptr: int) -> int:

@@ -157,6 +157,22 @@ PERSISTENT_FWD_MAX_WORK = 2**35
 # forward 82.3 us against 92.7 for the persistent kernel (H100). Where cuBLASLt cannot take the
 # call (layout, library), the forward "auto" would otherwise choose runs.
 CUBLASLT_ACTIVATIONS = ("gelu_tanh", "relu")
+# Session 15: GEMMs of at least this much work (M*N*K) go through cuBLASLt with the algorithm timed
+# once per problem (_cublaslt.matmul) instead of torch.mm, which runs the heuristic's first pick.
+# H100, bf16 (benchmarks/probe_cublaslt_algos.py, 7 interleaved rounds, two runs): x W^T at
+# Llama-8B 1.05-1.08x, Llama-1B 1.11-1.12x; dW = dG^T X at Llama-8B 1.08-1.12x; the others tie.
+# The line keeps GPT-2's backward GEMMs (1.9e10, no gain measured) on torch.mm, whose host path is
+# shorter: that shape is host-bound. Set TRITONIZE_CUBLASLT_TUNE=0 to keep torch's pick everywhere.
+TUNED_MM_MIN_WORK = 2**35
+
+
+def _mm(a, b):
+    """a @ b (2-D): the tuned cuBLASLt GEMM for large problems where it takes them, else torch.mm."""
+    if a.shape[0] * a.shape[1] * b.shape[1] >= TUNED_MM_MIN_WORK:
+        c = _cublaslt.matmul(a, b)
+        if c is not None:
+            return c
+    return torch.mm(a, b)
 
 
 def _forward_impl(M: int, N: int, K: int, n_products: int, activation: str | None = None) -> str:
@@ -999,7 +1015,7 @@ def linear_act_backward(dy2, x2, weight, bias, saved2, activation: str, need_dx:
                 db = None
         # dX and dW on cuBLAS (at the matmul ceiling; a Triton GEMM here would only tie it)
         dx = torch.mm(dz, weight) if need_dx else None
-        dw = torch.mm(dz.t(), x2) if need_dw else None
+        dw = _mm(dz.t(), x2) if need_dw else None
     return dx, dw, db
 
 
@@ -1010,8 +1026,8 @@ def gated_linear_forward(x2, w_gate, w_up, activation: str, store_gu: bool = Tru
     impl = _forward_impl(M, N, K, 2)
     with device_ctx(x2):
         if impl == "cublas":
-            g = F.linear(x2, w_gate)
-            u = F.linear(x2, w_up)
+            g = _mm(x2, w_gate.t())
+            u = _mm(x2, w_up.t())
             out = torch.empty_like(g)
             _launch_act_fwd(g, u, out, activation)
             return out, (g if store_gu else None), (u if store_gu else None)
@@ -1051,8 +1067,8 @@ def _gated_input_grads(dg, du, x2, w_gate, w_up, need_dx: bool, need_dw: bool):
     if need_dx:
         dx = torch.mm(dg, w_gate)
         dx.addmm_(du, w_up)  # dX += dU @ Wu, accumulated by cuBLAS (beta=1), no temporary
-    dwg = torch.mm(dg.t(), x2) if need_dw else None
-    dwu = torch.mm(du.t(), x2) if need_dw else None
+    dwg = _mm(dg.t(), x2) if need_dw else None
+    dwu = _mm(du.t(), x2) if need_dw else None
     return dx, dwg, dwu
 
 
@@ -1068,7 +1084,7 @@ def gated_mlp_forward(x2, w_gate, w_up, w_down, activation: str, store_gu: bool 
     is freed here (not saved): gated_mlp_backward recomputes it from g, u."""
     p, g, u = gated_linear_forward(x2, w_gate, w_up, activation, store_gu)
     with device_ctx(x2):
-        y = torch.mm(p, w_down.t())
+        y = _mm(p, w_down.t())
     return y, g, u
 
 
@@ -1079,9 +1095,9 @@ def gated_mlp_backward(dy2, x2, w_gate, w_up, w_down, g2, u2, activation: str, n
         dP = dY Wd;  [dG, dU, P] from (dP, G, U) in one element-wise pass (P written over dP);
         dWd = dY^T P;  then dX, dWg, dWu as gated_linear."""
     with device_ctx(x2):
-        dp = torch.mm(dy2, w_down)  # (M, N) contiguous and ours: P may overwrite it
+        dp = _mm(dy2, w_down)  # (M, N) contiguous and ours: P may overwrite it
         _gated_bwd_elementwise(dp, g2, u2, activation, need_dwd)
-        dwd = torch.mm(dy2.t(), dp) if need_dwd else None
+        dwd = _mm(dy2.t(), dp) if need_dwd else None
         return (*_gated_input_grads(g2, u2, x2, w_gate, w_up, need_dx, need_dw), dwd)
 
 

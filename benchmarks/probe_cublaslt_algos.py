@@ -2,6 +2,11 @@
 gated_linear's forward and backward at the bench shapes?
 
     python -m benchmarks.probe_cublaslt_algos [--quick] [--top 32] [--out table.md]
+    python -m benchmarks.probe_cublaslt_algos --ab [--rounds 15]
+
+--ab: gated_linear's fwd+bwd at the Llama shapes with its large GEMMs on the timed cuBLASLt pick
+(as shipped) and on torch.mm (TUNED_MM_MIN_WORK off), interleaved by round in one process: the
+median of the per-round ratios, and which candidate each GEMM's timing kept.
 
 Why (session 15): at Llama-8B's MLP (8192 x 4096 -> 14336, bf16) 87-90% of gated_linear's fwd+bwd
 is cuBLAS GEMMs that eager runs too, so our margin over eager is bounded by the element-wise passes
@@ -66,12 +71,15 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=32, help="algorithms asked of the heuristic per GEMM")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--ab", action="store_true", help="gated_linear fwd+bwd, tuned GEMMs vs torch.mm (see above)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_cublaslt_algos: needs a CUDA GPU")
         return 0
     from tritonize.kernels import _cublaslt as lt
 
+    if args.ab:
+        return _ab(args)
     lib = lt._library()
     if lib is None:
         print("probe_cublaslt_algos: cuBLASLt not loadable")
@@ -195,6 +203,70 @@ def main(argv=None):
     bench.table(["model", "gemm", "shape", "pick", "ms", "torch_ms", "x_torch", "torch_ms_min_max", "torch_tflops",
                  "tflops", "n_algos", "config", "err", "error"], out=args.out)  # fmt: skip
     return 0
+
+
+def _ab(args) -> int:
+    import importlib
+
+    la = importlib.import_module("tritonize.kernels.linear_act")
+    from tritonize.kernels import _cublaslt as lt
+
+    bench = Bench("probe_cublaslt_algos --ab")
+    torch.manual_seed(0)
+    M = 8192
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(200):  # to the loaded clock
+        w @ w
+    del w
+    for name, K, N in [("llama8b", 4096, 14336), ("llama1b", 2048, 8192)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        wg, wu = ((torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5).requires_grad_() for _ in range(2))
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            return torch.autograd.grad(la.gated_linear(x, wg, wu, "silu"), (x, wg, wu), dy)
+
+        default = la.TUNED_MM_MIN_WORK
+        arms = {"tuned": default, "torch_mm": 1 << 62}
+        times = {k: [] for k in arms}
+        ref = None
+        for r in range(args.rounds + 1):
+            for arm, thr in arms.items():
+                la.TUNED_MM_MIN_WORK = thr
+                t = _timed_calls(step, reps=5)
+                if r:  # round 0: warm-up (and the tuned arm's timing step)
+                    times[arm].append(t)
+                if ref is None:
+                    ref = step()
+                elif r == 0:
+                    got = step()
+                    errs = [((g.float() - e.float()).abs().max() / e.float().abs().max()).item() for g, e in zip(got, ref)]
+                    print(f"# {name}: {arm} vs the first arm's grads, max rel diff {max(errs):.2e}", flush=True)
+        la.TUNED_MM_MIN_WORK = default
+        ratio = statistics.median(a / b for a, b in zip(times["torch_mm"], times["tuned"]))
+        picks = []
+        for key, plan in lt._mm_plans.items():
+            if plan and key[2:5] in {(M, N, K), (N, K, M)}:
+                picks.append(f"{key[2]}x{key[4]}x{key[3]} s{key[5]},{key[6]}: candidate {plan.picked}")
+        bench.row(model=name, tuned_ms=statistics.median(times["tuned"]), torch_mm_ms=statistics.median(times["torch_mm"]),
+                  tuned_min=min(times["tuned"]), torch_mm_min=min(times["torch_mm"]), speedup=ratio,
+                  picks="; ".join(picks))  # fmt: skip
+        del x, wg, wu, dy, ref
+        torch.cuda.empty_cache()
+    bench.table(["model", "tuned_ms", "torch_mm_ms", "tuned_min", "torch_mm_min", "speedup", "picks"], out=args.out)
+    return 0
+
+
+def _timed_calls(fn, reps: int) -> float:
+    """Median CUDA-event time of reps calls (each call's events around it), after one untimed call."""
+    fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in ev)
 
 
 def _cfg(r: dict) -> str:

@@ -22,12 +22,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt: GPU on
 
 
 def _operand(rows, cols, layout, dtype, device="cuda"):
-    """(rows, cols) with unit column stride ("row"), unit row stride ("t"), or rows padded by 16
+    """(rows, cols) with unit column stride ("row"), unit row stride ("t": the transpose of a
+    (cols, rows) buffer whose rows are padded to 16 bytes, as cuBLASLt needs), or rows padded by 16
     bytes ("pad": a strided view cuBLASLt can still take)."""
     if layout == "row":
         return torch.randn(rows, cols, device=device).to(dtype)
     if layout == "t":
-        return torch.randn(cols, rows, device=device).to(dtype).t()
+        ld = -(-rows // 8) * 8
+        buf = torch.randn(cols, ld, device=device).to(dtype)
+        return buf[:, :rows].t()
     return _padded(torch.randn(rows, cols, device=device).to(dtype))
 
 
@@ -85,13 +88,15 @@ def _candidates(plan):
 
 @gpu
 def test_matmul_declines_what_it_cannot_take():
-    """fp32, a stride-0 operand, rows not 16-byte aligned, N * 2 bytes not a multiple of 16, mixed
-    dtypes: None, so the caller runs torch.mm (and _mm's result is torch.mm's)."""
+    """fp32, a stride-0 operand, rows (or a transposed operand's columns) not 16-byte aligned,
+    N * 2 bytes not a multiple of 16, mixed dtypes: None, so the caller runs torch.mm (and _mm's
+    result is torch.mm's)."""
     h = torch.float16
     cases = [
         (torch.randn(8, 16, device="cuda"), torch.randn(16, 8, device="cuda")),  # fp32
         (torch.randn(1, 16, device="cuda", dtype=h).expand(8, 16), torch.randn(16, 8, device="cuda", dtype=h)),
         (torch.randn(8, 17, device="cuda", dtype=h), torch.randn(17, 8, device="cuda", dtype=h)),  # a's rows 34 B
+        (torch.randn(24, 37, device="cuda", dtype=h).t(), torch.randn(24, 8, device="cuda", dtype=h)),  # ld 74 B
         (torch.randn(8, 16, device="cuda", dtype=h), torch.randn(16, 9, device="cuda", dtype=h)),  # N * 2 = 18
         (torch.randn(8, 16, device="cuda", dtype=h), torch.randn(16, 8, device="cuda", dtype=torch.bfloat16)),
     ]

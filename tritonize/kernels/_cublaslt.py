@@ -138,9 +138,9 @@ class _Plan:
     """One problem's cuBLASLt objects, as plain ints for the call (the ctypes objects in `keep`, so
     they stay alive), the bias / aux pointers last written into its descriptor, and, until the
     problem has been timed, the candidate algorithms [(algo address, workspace bytes), ...] (None
-    once tuned)."""
+    once tuned); picked: the index of the algorithm in use among the heuristic's results."""
 
-    __slots__ = ("handle", "desc", "a_l", "b_l", "d_l", "algo", "ws", "keep", "aux_ptr", "bias_ptr", "cands")
+    __slots__ = ("handle", "desc", "a_l", "b_l", "d_l", "algo", "ws", "keep", "aux_ptr", "bias_ptr", "cands", "picked")
 
 
 def _handle(lib, dev: int):
@@ -199,6 +199,7 @@ def _make_plan(lib, dev: int, dtype, op_a: int, lay_a, op_b: int, lay_b, n_rows:
     plan.keep = (results, pref, count.value)  # count: how many of results are filled
     plan.aux_ptr = plan.bias_ptr = None  # nothing written yet
     plan.cands = cands if len(cands) > 1 else None
+    plan.picked = 0
     return plan
 
 
@@ -242,6 +243,7 @@ def _tune(plan: _Plan, call, x2: torch.Tensor, dev: int, stream: int) -> None:
         best = 0
     if alive[best]:
         plan.algo, plan.ws = cands[best]
+        plan.picked = best
     plan.cands = None
 
 

@@ -48,6 +48,14 @@ Forward, four implementations (`FORWARD_IMPL`, default "auto", chosen per call b
     "auto" takes it from CUBLAS_FWD_MIN_WORK up; where it cannot take the call (layout, library,
     no algorithm) the forward "auto" would otherwise choose runs. Z again makes no round trip.
 
+GEMM algorithms (session 15): GEMMs of at least TUNED_MM_MIN_WORK (2^35 M*N*K: the gated
+forward's x Wg^T / x Wu^T, the weight gradients, gated_mlp's down projection, not GPT-2-sized
+ones) and the cuBLASLt epilogue run the algorithm timed once per problem among cuBLASLt's
+heuristic candidates (_cublaslt.matmul / _tune) instead of the heuristic's first pick that
+torch.mm runs. H100, bf16: x W^T 1.05-1.12x at every bench shape, dW at Llama-8B 1.08-1.12x
+(per GEMM, interleaved rounds); gated_linear fwd+bwd 1.02x (Llama-8B) / 1.03x (Llama-1B) in one
+process; docs/notes/linear_act.md. The fusion's own gain is the tritonize_torch_mm bench row.
+
 Backward:  dZ = dY * act'(Z)                  (one Triton element-wise kernel, db fused in: the
                                                last program of each column strip adds the partials;
                                                its ticket counters are kept across calls on the

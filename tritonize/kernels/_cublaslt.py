@@ -53,7 +53,6 @@ EPILOGUES = {("gelu_tanh", True): 160, ("gelu_tanh", False): 32, ("relu", False)
 _PREF_MAX_WORKSPACE = 1
 _PREF_MIN_ALIGN = (5, 6, 7, 8)  # A, B, C, D bytes
 _WORKSPACE_MAX = 32 * 1024 * 1024
-_ALGO_SPLITK_NUM = 2  # cublasLtMatmulAlgoConfigAttributes_t
 _CANDIDATES = 8  # heuristic results asked for (cuBLASLt 13 returns at most 8 for these problems)
 TUNE = os.environ.get("TRITONIZE_CUBLASLT_TUNE", "1") != "0"
 # Timing per problem, once: rounds x reps calls of every candidate, interleaved by round (the GPU's
@@ -104,7 +103,7 @@ def _library():
                     for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
                                "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate",
                                "cublasLtMatmulPreferenceSetAttribute", "cublasLtMatmulAlgoGetHeuristic",
-                               "cublasLtMatmul", "cublasLtMatmulAlgoConfigGetAttribute"):
+                               "cublasLtMatmul"):
                         getattr(lib, fn).restype = ctypes.c_int
                     lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                                                ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
@@ -222,7 +221,7 @@ def _tune(plan: _Plan, call, x2: torch.Tensor, dev: int, stream: int) -> None:
     ptr = work.data_ptr()
     times = [[] for _ in cands]
     alive = [True] * len(cands)
-    events = []
+    events = []  # (candidate, start, end) per round and candidate
     for _ in range(TUNE_ROUNDS):
         for i, (algo, ws) in enumerate(cands):
             if not alive[i]:
@@ -234,7 +233,7 @@ def _tune(plan: _Plan, call, x2: torch.Tensor, dev: int, stream: int) -> None:
                     alive[i] = False  # a candidate that refuses this problem is dropped
             end.record()
             events.append((i, start, end))
-    end.synchronize()
+    events[-1][2].synchronize()
     for i, start, end in events:
         times[i].append(start.elapsed_time(end))
     med = [statistics.median(t) if alive[i] else float("inf") for i, t in enumerate(times)]
@@ -380,11 +379,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor):
     N = b.shape[1]
     dev = a.get_device()
     key = (dev, a.dtype, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), a.data_ptr() & 255,
-           b.data_ptr() & 255)  # fmt: skip
+           b.data_ptr() & 255, b.get_device())  # fmt: skip
     plan = _mm_plans.get(key)
     if plan is None:
         opa, opb = _operand(b, K, N), _operand(a, M, K)
-        lib = _library() if (opa and opb and (N * a.element_size()) % 16 == 0 and b.get_device() == dev
+        lib = _library() if (opa and opb and (N * a.element_size()) % 16 == 0 and key[-1] == dev
                              and M and N and K) else None  # fmt: skip
         plan = (_make_plan(lib, dev, a.dtype, opa[0], opa[1], opb[0], opb[1], N, M, 1,
                            (_alignment(b), _alignment(a), 256, 256)) if lib is not None else False)  # fmt: skip

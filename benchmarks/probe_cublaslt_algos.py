@@ -93,23 +93,10 @@ def main(argv=None):
     torch.manual_seed(0)
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
-    def timed(fn, reps=15, warm=3):
-        for _ in range(warm):
-            fn()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in ev:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev)
+    def timed(fn):
+        return _timed_calls(fn, reps=15, warm=3)
 
-    # warm the GPU to its loaded clock first (an idle H100 sits at 345 MHz)
-    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(200):
-        w @ w
-    torch.cuda.synchronize()
-    del w
+    _warm_gpu()
     gemms = [g for g in GEMMS if g[0] != "llama1b"] if args.quick else GEMMS
     for model, gemm, M, K, N, la, lb in gemms:
         a = _operand(M, K, la)
@@ -198,7 +185,6 @@ def main(argv=None):
                           config=_cfg(nb), err=nb["err"])  # fmt: skip
         print(f"# {model} {gemm}: torch {t_torch:.4f}; " + ", ".join(f"{r['rank']}:{r['ms']:.4f} ({r['ratio']:.3f}x)" for r in ok),
               flush=True)
-        del a, b, c, ref
         torch.cuda.empty_cache()
     bench.table(["model", "gemm", "shape", "pick", "ms", "torch_ms", "x_torch", "torch_ms_min_max", "torch_tflops",
                  "tflops", "n_algos", "config", "err", "error"], out=args.out)  # fmt: skip
@@ -214,10 +200,7 @@ def _ab(args) -> int:
     bench = Bench("probe_cublaslt_algos --ab")
     torch.manual_seed(0)
     M = 8192
-    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(200):  # to the loaded clock
-        w @ w
-    del w
+    _warm_gpu()
     for name, K, N in [("llama8b", 4096, 14336), ("llama1b", 2048, 8192)]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         wg, wu = ((torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5).requires_grad_() for _ in range(2))
@@ -251,15 +234,23 @@ def _ab(args) -> int:
         bench.row(model=name, tuned_ms=statistics.median(times["tuned"]), torch_mm_ms=statistics.median(times["torch_mm"]),
                   tuned_min=min(times["tuned"]), torch_mm_min=min(times["torch_mm"]), speedup=ratio,
                   picks="; ".join(picks))  # fmt: skip
-        del x, wg, wu, dy, ref
         torch.cuda.empty_cache()
     bench.table(["model", "tuned_ms", "torch_mm_ms", "tuned_min", "torch_mm_min", "speedup", "picks"], out=args.out)
     return 0
 
 
-def _timed_calls(fn, reps: int) -> float:
-    """Median CUDA-event time of reps calls (each call's events around it), after one untimed call."""
-    fn()
+def _warm_gpu():
+    """200 8192^3 GEMMs: the GPU at its loaded clock before timing (an idle H100 sits at 345 MHz)."""
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(200):
+        w @ w
+    torch.cuda.synchronize()
+
+
+def _timed_calls(fn, reps: int, warm: int = 1) -> float:
+    """Median CUDA-event time of reps calls (each call's events around it), after warm untimed calls."""
+    for _ in range(warm):
+        fn()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for s, e in ev:
         s.record()

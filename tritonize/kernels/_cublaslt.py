@@ -396,16 +396,17 @@ def matmul(a: torch.Tensor, b: torch.Tensor):
     stream = _raw_stream(dev) if _raw_stream else torch.cuda.current_stream().cuda_stream
     lib = _lib
     a_ptr, b_ptr, c_ptr = a.data_ptr(), b.data_ptr(), c.data_ptr()
+
+    def run(algo, work_ptr, work_bytes):  # one launch of C = a @ b with the given algorithm
+        return lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, b_ptr, plan.a_l, a_ptr, plan.b_l, _ZERO_ADDR,
+                                  c_ptr, plan.d_l, c_ptr, plan.d_l, algo, work_ptr, work_bytes, stream)  # fmt: skip
+
     with _lock:
         if plan.cands is not None and _may_tune():
-            _tune(plan, lambda algo, wp, wsz: lib.cublasLtMatmul(
-                plan.handle, plan.desc, _ONE_ADDR, b_ptr, plan.a_l, a_ptr, plan.b_l, _ZERO_ADDR, c_ptr, plan.d_l,
-                c_ptr, plan.d_l, algo, wp, wsz, stream), a, dev, stream)  # fmt: skip
+            _tune(plan, run, a, dev, stream)
         ws = plan.ws
         work = _workspace(a, dev, ws, stream) if ws else None  # held until enqueued
-        status = lib.cublasLtMatmul(plan.handle, plan.desc, _ONE_ADDR, b_ptr, plan.a_l, a_ptr, plan.b_l, _ZERO_ADDR,
-                                    c_ptr, plan.d_l, c_ptr, plan.d_l, plan.algo, work.data_ptr() if ws else None, ws,
-                                    stream)  # fmt: skip
+        status = run(plan.algo, work.data_ptr() if ws else None, ws)
     return c if status == 0 else None
 
 

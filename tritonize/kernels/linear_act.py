@@ -1297,7 +1297,7 @@ def _linear_act_bwd_fast(plan: _BwdPlan, dy, x2, weight, saved):
         plan.launch(dy, saved, dz, dz, dz, dz, M, N, N, 1, N)
         db = None
     dx = torch.mm(dz, weight) if plan.need_dx else None
-    return dx, (torch.mm(dz.t(), x2) if plan.need_dw else None), db
+    return dx, (_mm(dz.t(), x2) if plan.need_dw else None), db
 
 
 class _LinearActFn(torch.autograd.Function):

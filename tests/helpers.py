@@ -55,9 +55,10 @@ def assert_close3(out, out_torch, out_ref, *, atol: float | None = None, name: s
     )
 
 
-def noncontig_rows(x: torch.Tensor) -> torch.Tensor:
-    """Same values as `x`, but each row padded in memory (row stride > width): a strided view."""
-    pad = torch.empty(*x.shape[:-1], x.shape[-1] + 3, dtype=x.dtype, device=x.device)
+def noncontig_rows(x: torch.Tensor, pad: int = 3) -> torch.Tensor:
+    """Same values as `x`, but each row padded in memory by `pad` elements (row stride > width): a
+    strided view. The default 3 leaves the rows misaligned; pad=8 keeps 16-byte aligned fp16 rows."""
+    pad = torch.empty(*x.shape[:-1], x.shape[-1] + pad, dtype=x.dtype, device=x.device)
     view = pad[..., : x.shape[-1]]
     view.copy_(x)
     assert not view.is_contiguous() or x.shape[-1] == 0 or x.numel() <= x.shape[-1]

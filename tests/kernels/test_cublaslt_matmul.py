@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import assert_close3
+from tests.helpers import assert_close3, noncontig_rows
 from tests.kernels.test_linear_act import GATED, _check, _make
 from tritonize.kernels.linear_act import gated_linear, gated_linear_reference, gated_mlp, gated_mlp_reference, linear_act
 from tritonize.kernels.linear_act import linear_act_reference
@@ -31,15 +31,7 @@ def _operand(rows, cols, layout, dtype, device="cuda"):
         ld = -(-rows // 8) * 8
         buf = torch.randn(cols, ld, device=device).to(dtype)
         return buf[:, :rows].t()
-    return _padded(torch.randn(rows, cols, device=device).to(dtype))
-
-
-def _padded(x):
-    """x's values in a buffer whose rows are 8 elements longer (row stride aligned to 16 bytes)."""
-    buf = torch.empty(*x.shape[:-1], x.shape[-1] + 8, device=x.device, dtype=x.dtype)
-    out = buf[..., : x.shape[-1]]
-    out.copy_(x)
-    return out
+    return noncontig_rows(torch.randn(rows, cols, device=device).to(dtype), pad=8)
 
 
 def _key_plan(a, b):
@@ -181,7 +173,7 @@ def test_gated_ops_through_the_tuned_gemms(monkeypatch):
                 _check(lambda x, a, b, c: gated_mlp(x, a, b, c, act), lambda x, a, b, c: gated_mlp_reference(x, a, b, c, act),
                        [x, wg, wu, wd], dy, ["x", "w_gate", "w_up", "w_down"], f"tuned gated_mlp {act} {dtype} {shape_x}")  # fmt: skip
         x, (w,), b = _make((37, 24), 40, dtype, "cuda")
-        for xi in (x, _padded(x)):
+        for xi in (x, noncontig_rows(x, pad=8)):
             dy = torch.randn(37, 40, device="cuda").to(dtype)
             _check(lambda x, w, b: linear_act(x, w, b, "silu"), lambda x, w, b: linear_act_reference(x, w, b, "silu"),
                    [xi, w, b], dy, ["x", "weight", "bias"], f"tuned linear_act dW {dtype}")  # fmt: skip

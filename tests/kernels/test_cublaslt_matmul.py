@@ -71,6 +71,36 @@ def test_matmul_every_layout(dtype):
                 assert torch.equal(lt.matmul(a, b), c)
 
 
+@gpu
+def test_matmul_into_out():
+    """out=: a column slice of a wider buffer (row stride 2N, as G and U side by side) and a
+    contiguous one are written in place and returned, within the three-way rule, the rest of the
+    buffer untouched; outs it cannot take (wrong shape or dtype, unit row stride, a row stride or
+    pointer not 16-byte aligned) give None."""
+    h = torch.bfloat16
+    M, K, N = 129, 72, 264
+    a, b = _operand(M, K, "row", h), _operand(K, N, "t", h)
+    ref = a.double() @ b.double()
+    buf = torch.full((M, 2 * N), 7.0, device="cuda", dtype=h)
+    for half in (buf[:, :N], buf[:, N:], torch.empty(M, N, device="cuda", dtype=h)):
+        got = lt.matmul(a, b, out=half)
+        assert got is half
+        assert_close3(half, torch.mm(a, b), ref, name=f"out stride {half.stride()}")
+    assert torch.equal(lt.matmul(a, b, out=buf[:, :N]), buf[:, :N])
+    wide = torch.full((M, 2 * N + 8), 7.0, device="cuda", dtype=h)
+    lt.matmul(a, b, out=wide[:, 8:N + 8])
+    assert (wide[:, :8] == 7).all() and (wide[:, N + 8:] == 7).all()  # only the slice written
+    bad = [
+        torch.empty(M, N + 8, device="cuda", dtype=h),  # shape
+        torch.empty(M, N, device="cuda", dtype=torch.float16),  # dtype
+        torch.empty(N, M, device="cuda", dtype=h).t(),  # unit row stride
+        torch.empty(M, N + 1, device="cuda", dtype=h)[:, :N],  # row stride 530 B
+        torch.empty(M, N + 8, device="cuda", dtype=h)[:, 1:N + 1],  # pointer 2 B past alignment
+    ]
+    for i, o in enumerate(bad):
+        assert lt.matmul(a, b, out=o) is None, f"bad out {i} taken"
+
+
 def _candidates(plan):
     import ctypes
 

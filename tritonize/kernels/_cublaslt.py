@@ -153,10 +153,10 @@ def _handle(lib, dev: int):
 
 
 def _make_plan(lib, dev: int, dtype, op_a: int, lay_a, op_b: int, lay_b, n_rows: int, n_cols: int, epilogue: int,
-               aligns) -> "_Plan | bool":
-    """A _Plan for D (n_rows x n_cols, column-major, ld n_rows) = op_a(A) op_b(B) with the given
-    epilogue, A / B laid out as (rows, cols, ld); aligns: the A, B, C, D pointers' alignment in
-    bytes. False where cuBLASLt has no algorithm for it (or refused a step)."""
+               aligns, d_ld: int = 0) -> "_Plan | bool":
+    """A _Plan for D (n_rows x n_cols, column-major, ld d_ld or n_rows) = op_a(A) op_b(B) with the
+    given epilogue, A / B laid out as (rows, cols, ld); aligns: the A, B, C, D pointers' alignment
+    in bytes. False where cuBLASLt has no algorithm for it (or refused a step)."""
     handle = _handle(lib, dev)
     if handle is None:
         return False
@@ -172,7 +172,7 @@ def _make_plan(lib, dev: int, dtype, op_a: int, lay_a, op_b: int, lay_b, n_rows:
         if epilogue & 128:  # an aux output: as D, ld n_rows
             _set(sa, desc, _DESC_AUX_LD, ctypes.c_int64(n_rows))
         layouts = []
-        for rows, cols, ld in (lay_a, lay_b, (n_rows, n_cols, n_rows)):
+        for rows, cols, ld in (lay_a, lay_b, (n_rows, n_cols, d_ld or n_rows)):
             lay = ctypes.c_void_p()
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dt, rows, cols, ld), "layout")
             layouts.append(lay)
@@ -366,11 +366,13 @@ def _operand(t: torch.Tensor, rows: int, cols: int):
     return None
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor):
-    """a (M, K) @ b (K, N) as a new contiguous (M, N) tensor, through cuBLASLt with the algorithm
-    timed per problem (see the module docstring), or None where this path does not take the problem
-    (the caller runs torch.mm): CUDA fp16/bf16 on the current device, each operand with one unit
-    stride and 16-byte aligned rows, N * element size a multiple of 16.
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None):
+    """a (M, K) @ b (K, N) through cuBLASLt with the algorithm timed per problem (see the module
+    docstring), into a new contiguous (M, N) tensor or into `out` ((M, N), unit column stride, any
+    16-byte aligned row stride: e.g. a column slice of a wider buffer), which is returned. None
+    where this path does not take the problem (the caller runs torch.mm): CUDA fp16/bf16 on the
+    current device, each operand with one unit stride and 16-byte aligned rows, N * element size a
+    multiple of 16.
 
     Column-major, C^T (N x M) = b^T a^T: A = b, B = a."""
     if not (a.is_cuda and a.dtype in _DTYPES and b.dtype is a.dtype and b.is_cuda):
@@ -378,21 +380,28 @@ def matmul(a: torch.Tensor, b: torch.Tensor):
     M, K = a.shape
     N = b.shape[1]
     dev = a.get_device()
+    if out is None:
+        ldc, c_align = N, 256
+    else:
+        if not (out.is_cuda and out.dtype is a.dtype and out.shape == (M, N) and (out.stride(1) == 1 or N == 1)):
+            return None
+        ldc, c_align = (out.stride(0) if M > 1 else N), _alignment(out)
     key = (dev, a.dtype, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), a.data_ptr() & 255,
-           b.data_ptr() & 255, b.get_device())  # fmt: skip
+           b.data_ptr() & 255, ldc, c_align, b.get_device(), out.get_device() if out is not None else dev)  # fmt: skip
     plan = _mm_plans.get(key)
     if plan is None:
         opa, opb = _operand(b, K, N), _operand(a, M, K)
-        lib = _library() if (opa and opb and (N * a.element_size()) % 16 == 0 and key[-1] == dev
-                             and M and N and K) else None  # fmt: skip
+        es = a.element_size()
+        lib = _library() if (opa and opb and (N * es) % 16 == 0 and (ldc * es) % 16 == 0 and ldc >= N
+                             and c_align >= 16 and key[-2] == dev and key[-1] == dev and M and N and K) else None  # fmt: skip
         plan = (_make_plan(lib, dev, a.dtype, opa[0], opa[1], opb[0], opb[1], N, M, 1,
-                           (_alignment(b), _alignment(a), 256, 256)) if lib is not None else False)  # fmt: skip
+                           (_alignment(b), _alignment(a), c_align, c_align), ldc) if lib is not None else False)  # fmt: skip
         if len(_mm_plans) >= 4096:
             _mm_plans.clear()
         _mm_plans[key] = plan
     if not plan:
         return None
-    c = a.new_empty((M, N))
+    c = a.new_empty((M, N)) if out is None else out
     stream = _raw_stream(dev) if _raw_stream else torch.cuda.current_stream().cuda_stream
     lib = _lib
     a_ptr, b_ptr, c_ptr = a.data_ptr(), b.data_ptr(), c.data_ptr()

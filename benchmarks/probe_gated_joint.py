@@ -45,10 +45,10 @@ def _act2d_kernel(g_ptr, u_ptr, out_ptr, M, N, stride_s, BLOCK_M: tl.constexpr, 
     tl.store(out_ptr + rm64[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _act2d(g, u, out):
+def _act2d(g, u, out, bm=32, bn=256, warps=8):
     M, N = out.shape
-    _act2d_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 256))](g, u, out, M, N, g.stride(0), BLOCK_M=32, BLOCK_N=256,
-                                                             num_warps=8)  # fmt: skip
+    _act2d_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](g, u, out, M, N, g.stride(0), BLOCK_M=bm, BLOCK_N=bn,
+                                                            num_warps=warps)  # fmt: skip
 
 
 def _timed(fn, reps: int) -> float:
@@ -134,6 +134,9 @@ def _shape(bench, la, lt, name: str, K: int, N: int, rounds: int):
         "fwd_gemms joint": lambda: (lt.matmul(x, wg.t(), out=G), lt.matmul(x, wu.t(), out=U)),
         "act split": lambda: la._launch_act_fwd(gs, us_, out, "silu"),
         "act joint": lambda: _act2d(G, U, out),
+        **{f"act joint {bm}x{bn} w{w}": (lambda bm=bm, bn=bn, w=w: _act2d(G, U, out, bm, bn, w))
+           for bm, bn, w in [(8, 1024, 8), (4, 2048, 8), (16, 512, 8), (2, 4096, 8), (8, 512, 4), (1, 4096, 4)]},
+        "act split as 2-D": lambda: _act2d(gs, us_, out),
         "dx split (torch)": lambda: torch.mm(gs, wg).addmm_(us_, wu),
         "dx joint (torch)": lambda: torch.mm(G, wg).addmm_(U, wu),
         "dx joint (first product timed)": dx_joint_tuned,

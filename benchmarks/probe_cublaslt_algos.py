@@ -3,7 +3,11 @@ gated_linear's forward and backward at the bench shapes?
 
     python -m benchmarks.probe_cublaslt_algos [--quick] [--top 32] [--out table.md]
     python -m benchmarks.probe_cublaslt_algos --ab [--rounds 15]
+    python -m benchmarks.probe_cublaslt_algos [--ab] --sustained 500 [--models llama8b]
 
+--sustained MS: each timing is a block of back-to-back calls lasting about MS ms, so the GPU runs at
+the clock its power limit allows (a training run's state) rather than the boost clock single calls
+after a pause see; the picks were timed in the latter state.
 --ab: gated_linear's fwd+bwd at the Llama shapes with its large GEMMs on the timed cuBLASLt pick
 (as shipped) and on torch.mm (TUNED_MM_MIN_WORK off), interleaved by round in one process: the
 median of the per-round ratios, and which candidate each GEMM's timing kept.
@@ -72,6 +76,10 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=32, help="algorithms asked of the heuristic per GEMM")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--ab", action="store_true", help="gated_linear fwd+bwd, tuned GEMMs vs torch.mm (see above)")
+    p.add_argument("--sustained", type=float, default=0.0, metavar="MS",
+                   help="time each candidate as back-to-back calls for about MS ms (the GPU at its power limit) "
+                        "instead of the median of 15 single calls")
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(sorted({g[0] for g in GEMMS})))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_cublaslt_algos: needs a CUDA GPU")
@@ -94,10 +102,12 @@ def main(argv=None):
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def timed(fn):
-        return _timed_calls(fn, reps=15, warm=3)
+        return _timed_block(fn, args.sustained) if args.sustained else _timed_calls(fn, reps=15, warm=3)
 
     _warm_gpu()
     gemms = [g for g in GEMMS if g[0] != "llama1b"] if args.quick else GEMMS
+    if args.models:
+        gemms = [g for g in gemms if g[0] in args.models.split(",")]
     for model, gemm, M, K, N, la, lb in gemms:
         a = _operand(M, K, la)
         b = _operand(K, N, lb)
@@ -202,6 +212,8 @@ def _ab(args) -> int:
     M = 8192
     _warm_gpu()
     for name, K, N in [("llama8b", 4096, 14336), ("llama1b", 2048, 8192)]:
+        if args.models and name not in args.models.split(","):
+            continue
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         wg, wu = ((torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5).requires_grad_() for _ in range(2))
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -216,7 +228,7 @@ def _ab(args) -> int:
         for r in range(args.rounds + 1):
             for arm, thr in arms.items():
                 la.TUNED_MM_MIN_WORK = thr
-                t = _timed_calls(step, reps=5)
+                t = _timed_block(step, args.sustained) if args.sustained else _timed_calls(step, reps=5)
                 if r:  # round 0: warm-up (and the tuned arm's timing step)
                     times[arm].append(t)
                 if ref is None:
@@ -258,6 +270,21 @@ def _timed_calls(fn, reps: int, warm: int = 1) -> float:
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+def _timed_block(fn, ms: float) -> float:
+    """Milliseconds per call of fn run back to back for about `ms` ms between two events (the GPU
+    never idles, so it settles at the clock its power limit allows: the state of a training run,
+    where single timed calls after a pause see a boost clock)."""
+    t0 = _timed_calls(fn, reps=2)
+    n = max(3, round(ms / max(t0, 1e-3)))
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(n):
+        fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / n
 
 
 def _cfg(r: dict) -> str:

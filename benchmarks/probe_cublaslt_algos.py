@@ -9,8 +9,9 @@ gated_linear's forward and backward at the bench shapes?
 the clock its power limit allows (a training run's state) rather than the boost clock single calls
 after a pause see; the picks were timed in the latter state.
 --ab: gated_linear's fwd+bwd at the Llama shapes with its large GEMMs on the timed cuBLASLt pick
-(as shipped) and on torch.mm (TUNED_MM_MIN_WORK off), interleaved by round in one process: the
-median of the per-round ratios, and which candidate each GEMM's timing kept.
+(as shipped) and on torch.mm (TUNED_MM_MIN_WORK off), and eager's (F.silu(F.linear) * F.linear),
+interleaved by round in one process: the medians of the per-round ratios, and which candidate
+each GEMM's timing kept.
 
 Why (session 15): at Llama-8B's MLP (8192 x 4096 -> 14336, bf16) 87-90% of gated_linear's fwd+bwd
 is cuBLAS GEMMs that eager runs too, so our margin over eager is bounded by the element-wise passes
@@ -221,20 +222,24 @@ def _ab(args) -> int:
         def step():
             return torch.autograd.grad(la.gated_linear(x, wg, wu, "silu"), (x, wg, wu), dy)
 
+        def eager():
+            y = torch.nn.functional.silu(torch.nn.functional.linear(x, wg)) * torch.nn.functional.linear(x, wu)
+            return torch.autograd.grad(y, (x, wg, wu), dy)
+
         default = la.TUNED_MM_MIN_WORK
-        arms = {"tuned": default, "torch_mm": 1 << 62}
+        arms = {"tuned": (default, step), "torch_mm": (1 << 62, step), "eager": (default, eager)}
         times = {k: [] for k in arms}
         ref = None
         for r in range(args.rounds + 1):
-            for arm, thr in arms.items():
+            for arm, (thr, fn) in arms.items():
                 la.TUNED_MM_MIN_WORK = thr
-                t = _timed_block(step, args.sustained) if args.sustained else _timed_calls(step, reps=5)
+                t = _timed_block(fn, args.sustained) if args.sustained else _timed_calls(fn, reps=5)
                 if r:  # round 0: warm-up (and the tuned arm's timing step)
                     times[arm].append(t)
                 if ref is None:
                     ref = step()
                 elif r == 0:
-                    got = step()
+                    got = fn()
                     errs = [((g.float() - e.float()).abs().max() / e.float().abs().max()).item() for g, e in zip(got, ref)]
                     print(f"# {name}: {arm} vs the first arm's grads, max rel diff {max(errs):.2e}", flush=True)
         la.TUNED_MM_MIN_WORK = default
@@ -244,10 +249,13 @@ def _ab(args) -> int:
             if plan and key[2:5] in {(M, N, K), (N, K, M)}:
                 picks.append(f"{key[2]}x{key[4]}x{key[3]} s{key[5]},{key[6]}: candidate {plan.picked}")
         bench.row(model=name, tuned_ms=statistics.median(times["tuned"]), torch_mm_ms=statistics.median(times["torch_mm"]),
-                  tuned_min=min(times["tuned"]), torch_mm_min=min(times["torch_mm"]), speedup=ratio,
+                  eager_ms=statistics.median(times["eager"]), tuned_min=min(times["tuned"]),
+                  torch_mm_min=min(times["torch_mm"]), speedup=ratio,
+                  tuned_vs_eager=statistics.median(a / b for a, b in zip(times["eager"], times["tuned"])),
                   picks="; ".join(picks))  # fmt: skip
         torch.cuda.empty_cache()
-    bench.table(["model", "tuned_ms", "torch_mm_ms", "tuned_min", "torch_mm_min", "speedup", "picks"], out=args.out)
+    bench.table(["model", "tuned_ms", "torch_mm_ms", "eager_ms", "tuned_min", "torch_mm_min", "speedup", "tuned_vs_eager",
+                 "picks"], out=args.out)  # fmt: skip
     return 0
 
 

@@ -169,6 +169,8 @@ CUBLASLT_ACTIVATIONS = ("gelu_tanh", "relu")
 # once per problem (_cublaslt.matmul) instead of torch.mm, which runs the heuristic's first pick.
 # H100, bf16 (benchmarks/probe_cublaslt_algos.py, 7 interleaved rounds, two runs): x W^T at
 # Llama-8B 1.05-1.08x, Llama-1B 1.11-1.12x; dW = dG^T X at Llama-8B 1.08-1.12x; the others tie.
+# Those are single calls; at the power limit (--sustained) only Llama-1B's x W^T gain holds (1.08x),
+# and _cublaslt keeps the first pick unless another is 5% faster.
 # The line keeps GPT-2's backward GEMMs (1.9e10, no gain measured) on torch.mm, whose host path is
 # shorter: that shape is host-bound. Set TRITONIZE_CUBLASLT_TUNE=0 to keep torch's pick everywhere.
 TUNED_MM_MIN_WORK = 2**35

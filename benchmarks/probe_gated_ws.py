@@ -12,7 +12,11 @@ back (2 of its 3 M x N passes). Our earlier Triton forwards (pointer loads, TMA,
 without warp specialization) were 5-25% slower than cuBLAS's GEMMs. Each product gets its own
 accumulator (BLOCK_N columns of G and of U for one x tile), the x tile is loaded once per K step.
 Rows: the shipped forward (cuBLAS G and U + our element-wise kernel) and the kernel per config,
-with and without warp specialization; outputs checked against the shipped forward.
+with and without warp specialization; outputs checked against the shipped forward (a config
+whose output is wrong or NaN is an error row, not timed).
+Session 16, H100, triton 3.6 (docs/results/linear_act.md): the best config, 128x128x64 s3 w8,
+ties the shipped forward in single calls (0.997x at Llama-8B; 0.87x at Llama-1B) and loses 2% at
+the power limit; warp specialization changes nothing there, and with 4 warps it gives NaN.
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ def main(argv=None):
                     torch.cuda.synchronize()
                     errs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip((out, g, u), ref)]
                     print(f"# {name} {label}: max rel err out/g/u vs shipped {', '.join(f'{e:.1e}' for e in errs)}", flush=True)
-                    if max(errs) > 2e-2:
-                        raise AssertionError(f"wrong result {errs}")
+                    if not all(e <= 2e-2 for e in errs):  # NaN fails this too (max() would let it through)
+                        raise AssertionError(f"wrong result, max rel err {errs}")
                     cases[label] = run
                 except Exception as e:  # a config that does not compile or is wrong is a row, not a crash
                     bench.row(model=name, case=label, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from benchmarks._common import Bench, parser
+from benchmarks.probe_cublaslt_algos import _timed_calls, _warm_gpu
 
 
 @triton.jit
@@ -51,17 +52,6 @@ def _act2d(g, u, out, bm=32, bn=256, warps=8):
                                                             num_warps=warps)  # fmt: skip
 
 
-def _timed(fn, reps: int) -> float:
-    fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3  # us
-
-
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=9)
@@ -71,8 +61,6 @@ def main(argv=None):
         return 0
     la = importlib.import_module("tritonize.kernels.linear_act")
     from tritonize.kernels import _cublaslt as lt
-
-    from benchmarks.probe_cublaslt_algos import _warm_gpu
 
     bench = Bench("probe_gated_joint")
     torch.manual_seed(0)
@@ -148,7 +136,7 @@ def _shape(bench, la, lt, name: str, K: int, N: int, rounds: int):
     times = {k: [] for k in cases}
     for _ in range(rounds):
         for k, fn in cases.items():
-            times[k].append(_timed(fn, reps=3 if k.startswith("total") else 5))
+            times[k].append(_timed_calls(fn, reps=3 if k.startswith("total") else 5) * 1e3)
     ratio = statistics.median(a / b for a, b in zip(times["total split"], times["total joint"]))
     for k, t in times.items():
         bench.row(model=name, case=k, us_median=statistics.median(t), us_min=min(t), us_max=max(t),

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from benchmarks._common import Bench, parser
+from benchmarks.probe_cublaslt_algos import _timed_block, _timed_calls, _warm_gpu
 
 
 @triton.jit
@@ -67,17 +68,6 @@ def _gated_fwd_ws_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, g_ptr, u_ptr, M, N, K,
 CONFIGS = [(128, 64, 64, 4, 8), (128, 64, 64, 3, 8), (128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 
 
-def _timed(fn, reps: int) -> float:
-    fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3
-
-
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
@@ -87,8 +77,6 @@ def main(argv=None):
         print("probe_gated_ws: needs a CUDA GPU")
         return 0
     la = importlib.import_module("tritonize.kernels.linear_act")
-    from benchmarks.probe_cublaslt_algos import _timed_block, _warm_gpu
-
     la._ensure_triton_allocator()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     bench = Bench("probe_gated_ws")
@@ -123,7 +111,7 @@ def main(argv=None):
         times = {k: [] for k in cases}
         for _ in range(args.rounds):
             for k, fn in cases.items():
-                times[k].append(_timed_block(fn, args.sustained) * 1e3 if args.sustained else _timed(fn, reps=5))
+                times[k].append(_timed_block(fn, args.sustained) * 1e3 if args.sustained else _timed_calls(fn, reps=5) * 1e3)
         base = times["shipped (cuBLAS G, U + element-wise)"]
         for k, t in times.items():
             bench.row(model=name, case=k, us_median=statistics.median(t), us_min=min(t),

@@ -24,9 +24,9 @@ of gated_linear / gated_mlp. torch.mm runs the heuristic's first pick; on the H1
 candidates was 5-12% faster for x W^T at all three bench shapes and for dW = dG^T X at Llama-8B
 in single calls (benchmarks/probe_cublaslt_algos.py; docs/notes/linear_act.md); at the GPU's power
 limit (a training run's state) only Llama-1B's x W^T gain held (1.08x), hence the 5% margin below.
-The epilogue call above is tuned the same way. Tuning is skipped (the first pick kept) while a CUDA graph is being captured, under
-torch.use_deterministic_algorithms (so that two processes run the same algorithm), and with
-TRITONIZE_CUBLASLT_TUNE=0.
+The epilogue call above is tuned the same way. Tuning is skipped (the first pick kept) while a
+CUDA graph is being captured, under torch.use_deterministic_algorithms (so that two processes run
+the same algorithm), and with TRITONIZE_CUBLASLT_TUNE=0.
 
 Layout: cuBLASLt is column-major. Row-major Y (M, N) is column-major Y^T (N x M, ld N), and
 Y^T = W X^T: A = W (column-major K x N, ld = W's row stride, op T), B = X (K x M, ld = x's row
@@ -389,7 +389,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None):
     if out is None:
         ldc, c_align = N, 256
     else:
-        if not (out.is_cuda and out.dtype is a.dtype and out.shape == (M, N) and (out.stride(1) == 1 or N == 1)):
+        if not (out.is_cuda and out.dtype is a.dtype and out.shape == (M, N) and out.stride(1) == 1):
             return None
         ldc, c_align = (out.stride(0) if M > 1 else N), _alignment(out)
     key = (dev, a.dtype, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), a.data_ptr() & 255,

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from benchmarks._common import Bench, parser
 from benchmarks.probe_cublaslt_algos import _timed_block, _timed_calls, _warm_gpu
+from tritonize.kernels.linear_act import _tile_offsets
 
 
 @triton.jit
@@ -49,10 +50,7 @@ def _gated_fwd_ws_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, g_ptr, u_ptr, M, N, K,
     in_group = GROUP_M * num_pid_n
     k_steps = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=False, warp_specialize=WARP_SPECIALIZE):
-        first_m = (tile // in_group) * GROUP_M
-        rows = min(num_pid_m - first_m, GROUP_M)
-        off_m = (first_m + tile % rows) * BLOCK_M
-        off_n = ((tile % in_group) // rows) * BLOCK_N
+        off_m, off_n = _tile_offsets(tile, num_pid_m, in_group, BLOCK_M, BLOCK_N, GROUP_M)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_steps):

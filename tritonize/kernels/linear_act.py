@@ -325,6 +325,15 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
+@triton.jit
+def _tile_offsets(tile, num_pid_m, in_group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # _tile_ids's grouped order for a persistent kernel's tile index: (row, column) offsets of
+    # `tile`; in_group = GROUP_M * (column tiles)
+    first_m = (tile // in_group) * GROUP_M
+    rows = min(num_pid_m - first_m, GROUP_M)
+    return (first_m + tile % rows) * BLOCK_M, ((tile % in_group) // rows) * BLOCK_N
+
+
 @fast_launch
 @triton.autotune(
     configs=_LINEAR_CONFIGS,
@@ -575,20 +584,14 @@ def _linear_act_fwd_persistent_kernel(
     k_steps = tl.cdiv(K, BLOCK_K)
     tile_e = tl.program_id(0) - NUM_PROGS  # the epilogue's tile, tracked apart from the loads'
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        first_m = (tile // in_group) * GROUP_M
-        rows = min(num_pid_m - first_m, GROUP_M)
-        off_m = (first_m + tile % rows) * BLOCK_M
-        off_n = ((tile % in_group) // rows) * BLOCK_N
+        off_m, off_n = _tile_offsets(tile, num_pid_m, in_group, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_steps):
             a = x_desc.load([off_m, k * BLOCK_K])
             b = w_desc.load([off_n, k * BLOCK_K])  # (BLOCK_N, BLOCK_K): W's rows; the dot takes W^T
             acc = tl.dot(a, b.T, acc)
         tile_e += NUM_PROGS
-        first_m = (tile_e // in_group) * GROUP_M
-        rows = min(num_pid_m - first_m, GROUP_M)
-        off_m = (first_m + tile_e % rows) * BLOCK_M
-        off_n = ((tile_e % in_group) // rows) * BLOCK_N
+        off_m, off_n = _tile_offsets(tile_e, num_pid_m, in_group, BLOCK_M, BLOCK_N, GROUP_M)
         # (BLOCK_M, BLOCK_N) -> two (BLOCK_M, HALF) halves: columns [0, HALF) and [HALF, BLOCK_N)
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         if HAS_BIAS:
